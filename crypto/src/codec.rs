@@ -1,0 +1,176 @@
+//! The one wire and storage encoding of Bulwark.
+//!
+//! Everything that goes on the wire or to disk is encoded and decoded here, and nowhere
+//! else, so the format can be replaced in one place. The format is bincode 2.0.1's
+//! standard configuration (little endian, variable-length integers) driven by serde.
+//!
+//! Decoding is bounded twice: the caller passes the largest input it accepts for that
+//! kind of value, and bincode is given an allocation limit derived from the actual
+//! input length, so a length prefix that claims more bytes than the input could hold
+//! (say 4 GiB in a 20-byte frame) is refused before anything of that size is allocated.
+//! Trailing bytes after a value are an error: every value has one encoding, which is
+//! what signatures are computed over.
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// The largest input any decode accepts, whatever limit the caller passes (64 MiB).
+pub const MAX_DECODE_BYTES: usize = 64 << 20;
+
+/// Why bytes could not be encoded or decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CodecError {
+    #[error("input of {len} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { len: usize, limit: usize },
+    #[error("malformed input: {0}")]
+    Malformed(String),
+    #[error("{trailing} trailing bytes after the value")]
+    TrailingBytes { trailing: usize },
+    #[error("value could not be encoded: {0}")]
+    Encode(String),
+}
+
+fn config() -> bincode::config::Configuration {
+    bincode::config::standard()
+}
+
+/// Encodes `value` in the wire format.
+pub fn encode<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    bincode::serde::encode_to_vec(value, config()).map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// Encodes `value` by appending to `out` (no intermediate allocation).
+pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Result<(), CodecError> {
+    bincode::serde::encode_into_std_write(value, out, config())
+        .map(|_| ())
+        .map_err(|e| CodecError::Encode(e.to_string()))
+}
+
+/// The encoded length of `value`, without keeping the bytes.
+pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, CodecError> {
+    let mut counter = ByteCounter(0);
+    bincode::serde::encode_into_writer(value, &mut counter, config())
+        .map_err(|e| CodecError::Encode(e.to_string()))?;
+    Ok(counter.0)
+}
+
+struct ByteCounter(usize);
+
+impl bincode::enc::write::Writer for ByteCounter {
+    fn write(&mut self, bytes: &[u8]) -> Result<(), bincode::error::EncodeError> {
+        self.0 += bytes.len();
+        Ok(())
+    }
+}
+
+/// Decodes one value of type `T` that must fill `bytes` exactly.
+///
+/// `limit` is the largest input the caller accepts for this kind of value; it is capped
+/// at [`MAX_DECODE_BYTES`]. Never panics on any input.
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
+    let limit = limit.min(MAX_DECODE_BYTES);
+    if bytes.len() > limit {
+        return Err(CodecError::TooLarge { len: bytes.len(), limit });
+    }
+    // bincode's limit is a type parameter; pick the smallest tier that can hold the
+    // input, so no claimed length can make it allocate more than 4x the input.
+    match bytes.len() {
+        0..=1024 => decode_with::<T, 1024>(bytes),
+        0..=4096 => decode_with::<T, 4096>(bytes),
+        0..=16384 => decode_with::<T, 16384>(bytes),
+        0..=65536 => decode_with::<T, 65536>(bytes),
+        0..=262144 => decode_with::<T, 262144>(bytes),
+        0..=1048576 => decode_with::<T, 1048576>(bytes),
+        0..=4194304 => decode_with::<T, 4194304>(bytes),
+        0..=16777216 => decode_with::<T, 16777216>(bytes),
+        _ => decode_with::<T, MAX_DECODE_BYTES>(bytes),
+    }
+}
+
+fn decode_with<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T, CodecError> {
+    let (value, read) = bincode::serde::decode_from_slice::<T, _>(bytes, config().with_limit::<LIMIT>())
+        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+    if read != bytes.len() {
+        return Err(CodecError::TrailingBytes { trailing: bytes.len() - read });
+    }
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+    struct Sample {
+        round: u64,
+        name: String,
+        payload: Vec<u8>,
+        parts: Vec<(u16, [u8; 32])>,
+    }
+
+    #[test]
+    fn four_gib_length_prefix_is_refused_without_allocating() {
+        // A Vec<u8> whose varint length prefix claims u32::MAX bytes: 0xFC marks a u32.
+        let mut frame = vec![0xFC];
+        frame.extend_from_slice(&u32::MAX.to_le_bytes());
+        frame.extend_from_slice(&[0u8; 16]);
+        let err = decode::<Vec<u8>>(&frame, 1 << 20).unwrap_err();
+        assert!(matches!(err, CodecError::Malformed(_)), "{err}");
+        // Same for a u64 prefix (0xFD) claiming 2^63 elements of a struct.
+        let mut frame = vec![0xFD];
+        frame.extend_from_slice(&(1u64 << 63).to_le_bytes());
+        assert!(decode::<Vec<Sample>>(&frame, 1 << 20).is_err());
+        assert!(decode::<String>(&frame, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn oversized_input_is_refused_before_decoding() {
+        let bytes = encode(&vec![7u8; 2000]).unwrap();
+        assert_eq!(
+            decode::<Vec<u8>>(&bytes, 1000),
+            Err(CodecError::TooLarge { len: bytes.len(), limit: 1000 })
+        );
+    }
+
+    #[test]
+    fn trailing_bytes_are_refused() {
+        let mut bytes = encode(&5u64).unwrap();
+        bytes.push(0);
+        assert_eq!(decode::<u64>(&bytes, 64), Err(CodecError::TrailingBytes { trailing: 1 }));
+    }
+
+    #[test]
+    fn encoded_len_matches_encode() {
+        let s = Sample { round: 9, name: "x".into(), payload: vec![1; 300], parts: vec![(1, [2; 32])] };
+        assert_eq!(encoded_len(&s).unwrap(), encode(&s).unwrap().len());
+        let mut out = vec![9];
+        encode_into(&s, &mut out).unwrap();
+        assert_eq!(&out[1..], &encode(&s).unwrap()[..]);
+    }
+
+    proptest! {
+        #[test]
+        fn round_trip(round: u64, name in ".{0,40}", payload in proptest::collection::vec(any::<u8>(), 0..600),
+                      parts in proptest::collection::vec((any::<u16>(), any::<[u8; 32]>()), 0..8)) {
+            let s = Sample { round, name, payload, parts };
+            let bytes = encode(&s).unwrap();
+            prop_assert_eq!(decode::<Sample>(&bytes, MAX_DECODE_BYTES).unwrap(), s);
+        }
+
+        #[test]
+        fn random_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+            let _ = decode::<Sample>(&bytes, 4096);
+            let _ = decode::<Vec<String>>(&bytes, 4096);
+        }
+
+        #[test]
+        fn truncation_is_an_error(payload in proptest::collection::vec(any::<u8>(), 1..300), cut in 1usize..50) {
+            let s = Sample { round: 1, name: "n".into(), payload, parts: vec![] };
+            let bytes = encode(&s).unwrap();
+            let keep = bytes.len().saturating_sub(cut);
+            prop_assert!(decode::<Sample>(&bytes[..keep], 4096).is_err());
+        }
+    }
+}

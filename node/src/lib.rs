@@ -1,0 +1,1 @@
+//! The Bulwark replica runtime.
