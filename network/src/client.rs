@@ -1,0 +1,301 @@
+//! The client endpoint: a separate QUIC endpoint (its own port, ALPN
+//! [`tls::CLIENT_ALPN`]) where non-members send requests and read replies.
+//!
+//! A client checks the replica's certificate against the committee, like a replica
+//! does. A client may present a self-signed certificate for its own ed25519 key; the
+//! node then sees that key as the client's identity ([`ClientId::key`]), proved by the
+//! TLS handshake signature. Each bidirectional stream is one session: requests go up,
+//! replies come down, both as frames of the same format as between replicas.
+
+use std::marker::PhantomData;
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bulwark_crypto::{Committee, KeyPair, PublicKey, ReplicaId};
+use bytes::Bytes;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::counters::{NetworkCounters, add, bump};
+use crate::framing::encode_frame;
+use crate::identity::{Identity, certificate_key, replica_name};
+use crate::inbound::{FrameReader, handshake, peer_certificate};
+use crate::{NetworkConfig, NetworkError, SendError, close_code, tls};
+
+/// Who sent a client request: the client's key if it presented one, and a number
+/// unique to its connection on this endpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ClientId {
+    pub key: Option<PublicKey>,
+    pub connection: u64,
+}
+
+/// One request from a client, with the way back to it.
+pub struct ClientRequest<Req, Resp> {
+    pub client: ClientId,
+    pub request: Req,
+    pub reply: ReplySender<Resp>,
+}
+
+/// Sends replies down the session a request came from. Cheap to clone; bounded: a
+/// client that does not read has its replies dropped (and counted), never buffered
+/// without bound.
+pub struct ReplySender<Resp> {
+    queue: mpsc::Sender<Bytes>,
+    max_frame_bytes: usize,
+    counters: Arc<NetworkCounters>,
+    _reply: PhantomData<fn(Resp)>,
+}
+
+impl<Resp> Clone for ReplySender<Resp> {
+    fn clone(&self) -> Self {
+        ReplySender {
+            queue: self.queue.clone(),
+            max_frame_bytes: self.max_frame_bytes,
+            counters: self.counters.clone(),
+            _reply: PhantomData,
+        }
+    }
+}
+
+impl<Resp: Serialize> ReplySender<Resp> {
+    /// Queues `reply` for the client. Never blocks.
+    pub fn send(&self, reply: &Resp) -> Result<(), SendError> {
+        let frame = encode_frame(reply, self.max_frame_bytes).inspect_err(|e| match e {
+            SendError::TooLarge { .. } => bump(&self.counters.send_dropped_too_large),
+            _ => bump(&self.counters.send_dropped_encode_failed),
+        })?;
+        self.queue.try_send(frame).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => {
+                bump(&self.counters.send_dropped_queue_full);
+                SendError::QueueFull(ReplicaId(u16::MAX))
+            }
+            mpsc::error::TrySendError::Closed(_) => SendError::Closed,
+        })
+    }
+}
+
+/// A replica's client endpoint.
+pub struct ClientEndpoint {
+    endpoint: quinn::Endpoint,
+    local_addr: SocketAddr,
+    counters: Arc<NetworkCounters>,
+    task: JoinHandle<()>,
+}
+
+impl ClientEndpoint {
+    /// Serves clients on `socket` as replica `me` (whose committee key is `key`).
+    pub async fn start<Req, Resp>(
+        config: NetworkConfig,
+        me: ReplicaId,
+        key: &KeyPair,
+        socket: std::net::UdpSocket,
+    ) -> Result<(Self, mpsc::Receiver<ClientRequest<Req, Resp>>), NetworkError>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+    {
+        config.validate()?;
+        let counters = Arc::new(NetworkCounters::default());
+        let identity = Identity::self_signed(key, &replica_name(me))?;
+        let server = tls::client_server_config(&config, &identity, counters.clone())?;
+        let local_addr = socket
+            .local_addr()
+            .map_err(|e| NetworkError::Bind { address: format!("{socket:?}"), reason: e.to_string() })?;
+        let endpoint = quinn::Endpoint::new(
+            quinn::EndpointConfig::default(),
+            Some(server),
+            socket,
+            Arc::new(quinn::TokioRuntime),
+        )
+        .map_err(|e| NetworkError::Bind { address: local_addr.to_string(), reason: e.to_string() })?;
+        let (deliver, requests) = mpsc::channel(config.receive_queue_capacity);
+        let task =
+            tokio::spawn(accept_clients::<Req, Resp>(endpoint.clone(), config, counters.clone(), deliver));
+        Ok((ClientEndpoint { endpoint, local_addr, counters, task }, requests))
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn counters(&self) -> &Arc<NetworkCounters> {
+        &self.counters
+    }
+
+    /// Closes every client connection and stops accepting.
+    pub async fn shutdown(self) {
+        self.task.abort();
+        self.endpoint.close(close_code::SHUTDOWN.into(), b"shutdown");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+impl Drop for ClientEndpoint {
+    fn drop(&mut self) {
+        self.task.abort();
+        self.endpoint.close(close_code::SHUTDOWN.into(), b"shutdown");
+    }
+}
+
+async fn accept_clients<Req, Resp>(
+    endpoint: quinn::Endpoint,
+    config: NetworkConfig,
+    counters: Arc<NetworkCounters>,
+    deliver: mpsc::Sender<ClientRequest<Req, Resp>>,
+) where
+    Req: DeserializeOwned + Send + 'static,
+    Resp: Serialize + Send + 'static,
+{
+    let next_connection = Arc::new(AtomicU64::new(0));
+    while let Some(incoming) = endpoint.accept().await {
+        let (config, counters, deliver, next_connection) =
+            (config.clone(), counters.clone(), deliver.clone(), next_connection.clone());
+        tokio::spawn(async move {
+            let Some(connection) = handshake(incoming, &config, &counters).await else {
+                return;
+            };
+            bump(&counters.connections_accepted);
+            let client = ClientId {
+                key: peer_certificate(&connection).and_then(|cert| certificate_key(&cert)),
+                connection: next_connection.fetch_add(1, Ordering::Relaxed),
+            };
+            while let Ok((send, recv)) = connection.accept_bi().await {
+                let (queue, queued) = mpsc::channel(config.send_queue_capacity);
+                tokio::spawn(write_replies(send, queued, counters.clone()));
+                let reply = ReplySender {
+                    queue,
+                    max_frame_bytes: config.max_frame_bytes,
+                    counters: counters.clone(),
+                    _reply: PhantomData,
+                };
+                let mut reader = FrameReader::new(recv, config.max_frame_bytes, counters.clone());
+                let (connection, deliver) = (connection.clone(), deliver.clone());
+                tokio::spawn(async move {
+                    while let Some(request) = reader.next::<Req>(&connection).await {
+                        let request = ClientRequest { client, request, reply: reply.clone() };
+                        if deliver.send(request).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+            bump(&counters.connections_lost);
+        });
+    }
+}
+
+async fn write_replies(
+    mut send: quinn::SendStream,
+    mut queued: mpsc::Receiver<Bytes>,
+    counters: Arc<NetworkCounters>,
+) {
+    while let Some(frame) = queued.recv().await {
+        let len = frame.len() as u64;
+        if send.write_chunk(frame).await.is_err() {
+            return;
+        }
+        bump(&counters.messages_sent);
+        add(&counters.bytes_sent, len);
+    }
+    let _ = send.finish();
+}
+
+/// A client's session with one replica's client endpoint.
+pub struct ClientConnection<Req, Resp> {
+    endpoint: quinn::Endpoint,
+    connection: quinn::Connection,
+    send: quinn::SendStream,
+    reader: FrameReader,
+    max_frame_bytes: usize,
+    counters: Arc<NetworkCounters>,
+    _messages: PhantomData<fn(Req) -> Resp>,
+}
+
+impl<Req: Serialize, Resp: DeserializeOwned> ClientConnection<Req, Resp> {
+    /// Connects to replica `replica`'s client endpoint at `address`, checking that it
+    /// holds that replica's committee key; presents `key` as the client's identity if
+    /// given.
+    pub async fn connect(
+        config: NetworkConfig,
+        committee: &Committee,
+        replica: ReplicaId,
+        address: SocketAddr,
+        key: Option<&KeyPair>,
+    ) -> Result<Self, NetworkError> {
+        config.validate()?;
+        let counters = Arc::new(NetworkCounters::default());
+        let identity = key.map(|key| Identity::self_signed(key, "client")).transpose()?;
+        let client = tls::client_client_config(
+            &config,
+            Arc::new(committee.clone()),
+            identity.as_ref(),
+            counters.clone(),
+        )?;
+        let local: SocketAddr = match address {
+            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
+            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
+        };
+        let endpoint = quinn::Endpoint::client(local)
+            .map_err(|e| NetworkError::Bind { address: local.to_string(), reason: e.to_string() })?;
+        let connect_error = |reason: String| NetworkError::Connect { address: address.to_string(), reason };
+        let connecting = endpoint
+            .connect_with(client, address, &replica_name(replica))
+            .map_err(|e| connect_error(e.to_string()))?;
+        let connection = match tokio::time::timeout(config.handshake_timeout, connecting).await {
+            Ok(Ok(connection)) => connection,
+            Ok(Err(e)) => {
+                bump(&counters.handshake_failed);
+                return Err(connect_error(e.to_string()));
+            }
+            Err(_) => {
+                bump(&counters.handshake_failed);
+                return Err(connect_error("handshake timed out".into()));
+            }
+        };
+        let (send, recv) = connection.open_bi().await.map_err(|e| NetworkError::Connection(e.to_string()))?;
+        let reader = FrameReader::new(recv, config.max_frame_bytes, counters.clone());
+        Ok(ClientConnection {
+            endpoint,
+            connection,
+            send,
+            reader,
+            max_frame_bytes: config.max_frame_bytes,
+            counters,
+            _messages: PhantomData,
+        })
+    }
+
+    /// Sends one request (waits for flow control, not for a reply).
+    pub async fn send(&mut self, request: &Req) -> Result<(), NetworkError> {
+        let frame = encode_frame(request, self.max_frame_bytes).map_err(|e| match e {
+            SendError::TooLarge { len, limit } => NetworkError::FrameTooLarge { len: len as u64, limit },
+            SendError::Encode(e) => NetworkError::Malformed(e),
+            _ => NetworkError::Closed,
+        })?;
+        let len = frame.len() as u64;
+        self.send.write_chunk(frame).await.map_err(|e| NetworkError::Connection(e.to_string()))?;
+        bump(&self.counters.messages_sent);
+        add(&self.counters.bytes_sent, len);
+        Ok(())
+    }
+
+    /// The next reply. A malformed or oversized reply closes the session.
+    pub async fn recv(&mut self) -> Result<Resp, NetworkError> {
+        self.reader.next(&self.connection).await.ok_or(NetworkError::Closed)
+    }
+
+    pub fn counters(&self) -> &Arc<NetworkCounters> {
+        &self.counters
+    }
+
+    /// Closes the session.
+    pub async fn close(self) {
+        self.connection.close(close_code::SHUTDOWN.into(), b"bye");
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.endpoint.wait_idle()).await;
+    }
+}

@@ -1,0 +1,371 @@
+//! The transport on 127.0.0.1: the "Show" points of the QUIC transport issue.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bulwark_crypto::{KeyPair, ReplicaId};
+use bulwark_network::identity::{Identity, replica_name};
+use bulwark_network::{NetworkConfig, SendError, close_code};
+use common::*;
+use rand::seq::SliceRandom as _;
+use rand::{Rng as _, RngCore as _, SeedableRng as _};
+
+const PER_PEER: u64 = 50;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_replicas_in_random_start_order_exchange_all_to_all_in_order() {
+    let seed: u64 = rand::random();
+    println!("seed {seed} (start order and delays)");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let config = test_config();
+    let (committee, keys, sockets) = committee(4);
+    let mut sockets: Vec<_> = sockets.into_iter().map(Some).collect();
+    let mut order: Vec<u16> = (0..4).collect();
+    order.shuffle(&mut rng);
+
+    let mut networks = BTreeMap::new();
+    for &id in &order {
+        let socket = sockets[usize::from(id)].take().unwrap();
+        let (network, inbound) = start(&config, &committee, &keys, id, socket).await;
+        let me = ReplicaId(id);
+        // Send at once, before later peers exist: queued, delivered once connected.
+        for seq in 0..PER_PEER / 2 {
+            assert_eq!(network.broadcast(&msg(me, seq, 100 + seq as usize)).unwrap(), 3);
+        }
+        for seq in PER_PEER / 2..PER_PEER {
+            for to in committee.ids().filter(|&to| to != me) {
+                network.send(to, &msg(me, seq, 100 + seq as usize)).unwrap();
+            }
+        }
+        networks.insert(id, (network, inbound));
+        tokio::time::sleep(Duration::from_millis(rng.gen_range(0..150))).await;
+    }
+
+    for (id, (network, inbound)) in networks.iter_mut() {
+        let got = receive(inbound, 3 * PER_PEER as usize).await;
+        let mut next: BTreeMap<ReplicaId, u64> = BTreeMap::new();
+        for (sender, m) in got {
+            assert_eq!(sender, ReplicaId(m.from), "authenticated sender must be the author");
+            assert_ne!(sender, ReplicaId(*id));
+            let expected = next.entry(sender).or_insert(0);
+            assert_eq!(m.seq, *expected, "in order from {sender}");
+            assert_eq!(m.body, vec![m.seq as u8; 100 + m.seq as usize]);
+            *expected += 1;
+        }
+        assert_eq!(next.values().copied().collect::<Vec<_>>(), vec![PER_PEER; 3]);
+        let counters = network.counters().snapshot();
+        assert_eq!(counters.messages_received, 3 * PER_PEER);
+        assert_eq!(counters.send_dropped_queue_full, 0);
+        assert_eq!(counters.frame_malformed + counters.frame_too_large, 0);
+    }
+    // Sending to ourselves or to a stranger is refused and counted.
+    let (network, _) = &networks[&0];
+    assert_eq!(
+        network.send(ReplicaId(0), &msg(ReplicaId(0), 0, 1)),
+        Err(SendError::UnknownPeer(ReplicaId(0)))
+    );
+    assert_eq!(
+        network.send(ReplicaId(9), &msg(ReplicaId(0), 0, 1)),
+        Err(SendError::UnknownPeer(ReplicaId(9)))
+    );
+    assert_eq!(network.counters().snapshot().send_dropped_unknown_peer, 2);
+    let too_big = msg(ReplicaId(0), 0, 2 << 20);
+    assert!(matches!(network.send(ReplicaId(1), &too_big), Err(SendError::TooLarge { .. })));
+    assert_eq!(network.counters().snapshot().send_dropped_too_large, 1);
+    for (_, (network, _)) in networks {
+        network.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn impostors_are_refused_at_the_handshake_and_counted() {
+    let config = test_config();
+    let (committee, keys, mut sockets) = committee(4);
+    // Replica 3's address is held by an impostor with its own key.
+    let impostor_socket = sockets.pop().unwrap();
+    let mut started = Vec::new();
+    for (id, socket) in sockets.into_iter().enumerate() {
+        started.push(start(&config, &committee, &keys, id as u16, socket).await);
+    }
+    let stranger = KeyPair::generate();
+
+    // Inbound: a key outside the committee claiming to be replica 3.
+    let impostor = Identity::self_signed(&stranger, &replica_name(ReplicaId(3))).unwrap();
+    expect_refused(&committee, &impostor, ReplicaId(0), address(&committee, ReplicaId(0))).await;
+    eventually("unknown key counted", || {
+        started[0].0.counters().snapshot().handshake_refused_unknown_key >= 1
+    })
+    .await;
+
+    // Inbound: member 1's own key, claiming to be member 2.
+    let liar = Identity::self_signed(&keys[1], &replica_name(ReplicaId(2))).unwrap();
+    expect_refused(&committee, &liar, ReplicaId(0), address(&committee, ReplicaId(0))).await;
+    eventually("wrong identity counted", || {
+        started[0].0.counters().snapshot().handshake_refused_wrong_identity >= 1
+    })
+    .await;
+
+    // Outbound: the impostor listens on replica 3's address; every dialer refuses it.
+    let impostor_server = bulwark_network::tls::replica_server_config(
+        &config,
+        std::sync::Arc::new(committee.clone()),
+        &Identity::self_signed(&stranger, &replica_name(ReplicaId(3))).unwrap(),
+        Default::default(),
+    )
+    .unwrap();
+    let impostor_endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(impostor_server),
+        impostor_socket,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+    .unwrap();
+    let acceptor = impostor_endpoint.clone();
+    let impostor_task = tokio::spawn(async move {
+        while let Some(incoming) = acceptor.accept().await {
+            tokio::spawn(async move {
+                if let Ok(connecting) = incoming.accept() {
+                    let _ = connecting.await;
+                }
+            });
+        }
+    });
+    eventually("dialers refuse the impostor server", || {
+        let refused = |i: usize| started[i].0.counters().snapshot().handshake_refused_unknown_key;
+        refused(0) >= 2 && refused(1) >= 1 && refused(2) >= 1
+    })
+    .await;
+    assert!(started.iter().all(|(n, _)| !n.is_connected(ReplicaId(3))));
+
+    // Nothing from the impostors reached anyone, and the honest replicas still talk.
+    for (network, _) in &started {
+        network.broadcast(&msg(network.id(), 0, 10)).unwrap();
+    }
+    for (network, inbound) in &mut started {
+        let got = receive(inbound, 2).await;
+        assert!(got.iter().all(|(from, m)| from.0 == m.from && *from != network.id() && from.0 < 3));
+        assert_eq!(network.counters().snapshot().connections_accepted, 2);
+    }
+    impostor_task.abort();
+    impostor_endpoint.close(0u32.into(), b"");
+    for (network, _) in started {
+        network.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_garbage_frames_close_only_that_connection() {
+    let config = test_config();
+    let (committee, keys, sockets) = committee(4);
+    let mut started = Vec::new();
+    for (id, socket) in sockets.into_iter().enumerate() {
+        started.push(start(&config, &committee, &keys, id as u16, socket).await);
+    }
+    let target = address(&committee, ReplicaId(0));
+    // A Byzantine member: replica 3's real key, so it passes the handshake.
+    let byzantine = Identity::self_signed(&keys[3], &replica_name(ReplicaId(3))).unwrap();
+
+    // A 4 GiB length prefix. Memory stays bounded: the decoder refuses the prefix
+    // before buffering (unit-tested in framing.rs, where capacity is observable).
+    let (_ep1, connection) = raw_dial(&committee, &byzantine, ReplicaId(0), target).await.unwrap();
+    let mut stream = connection.open_uni().await.unwrap();
+    let mut frame = u32::MAX.to_be_bytes().to_vec();
+    frame.extend_from_slice(&[0xAB; 1000]);
+    let _ = stream.write_all(&frame).await;
+    let reason = within("oversized frame closes the connection", connection.closed()).await;
+    assert!(is_closed_with(&reason, close_code::FRAME_TOO_LARGE), "{reason}");
+    assert_eq!(started[0].0.counters().snapshot().frame_too_large, 1);
+
+    // A well-sized frame whose body is not a message.
+    let (_ep2, connection) = raw_dial(&committee, &byzantine, ReplicaId(0), target).await.unwrap();
+    let mut stream = connection.open_uni().await.unwrap();
+    let mut frame = 32u32.to_be_bytes().to_vec();
+    frame.extend_from_slice(&[0xFF; 32]);
+    let _ = stream.write_all(&frame).await;
+    let reason = within("malformed frame closes the connection", connection.closed()).await;
+    assert!(is_closed_with(&reason, close_code::MALFORMED_FRAME), "{reason}");
+    assert_eq!(started[0].0.counters().snapshot().frame_malformed, 1);
+
+    // Random garbage (fixed seed, so the outcome is reproducible).
+    let mut garbage = vec![0u8; 64 << 10];
+    rand::rngs::StdRng::seed_from_u64(7).fill_bytes(&mut garbage);
+    let (_ep3, connection) = raw_dial(&committee, &byzantine, ReplicaId(0), target).await.unwrap();
+    let mut stream = connection.open_uni().await.unwrap();
+    let _ = stream.write_all(&garbage).await;
+    let _ = stream.finish();
+    let reason = within("garbage closes the connection", connection.closed()).await;
+    assert!(
+        is_closed_with(&reason, close_code::FRAME_TOO_LARGE)
+            || is_closed_with(&reason, close_code::MALFORMED_FRAME),
+        "{reason}"
+    );
+    let counters = started[0].0.counters().snapshot();
+    assert_eq!(counters.frame_too_large + counters.frame_malformed, 3);
+    assert_eq!(counters.messages_received, 0);
+
+    // The honest connections, including the real replica 3's, are unaffected.
+    for (network, _) in &started {
+        network.broadcast(&msg(network.id(), 1, 64)).unwrap();
+    }
+    for (network, inbound) in &mut started {
+        let got = receive(inbound, 3).await;
+        let mut senders: Vec<u16> = got
+            .iter()
+            .map(|(from, m)| {
+                assert_eq!(from.0, m.from);
+                m.from
+            })
+            .collect();
+        senders.sort();
+        let expected: Vec<u16> = (0..4).filter(|&i| i != network.id().0).collect();
+        assert_eq!(senders, expected);
+    }
+    for (network, _) in started {
+        network.shutdown().await;
+    }
+}
+
+fn is_closed_with(reason: &quinn::ConnectionError, code: u32) -> bool {
+    matches!(reason, quinn::ConnectionError::ApplicationClosed(close) if close.error_code == code.into())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_and_restarted_peer_is_reconnected() {
+    let config = test_config();
+    let (committee, keys, sockets) = committee(4);
+    let mut started = Vec::new();
+    for (id, socket) in sockets.into_iter().enumerate() {
+        started.push(Some(start(&config, &committee, &keys, id as u16, socket).await));
+    }
+    let from = ReplicaId(0);
+    let victim = ReplicaId(3);
+    started[0].as_ref().unwrap().0.send(victim, &msg(from, 0, 8)).unwrap();
+    let got = receive(&mut started[3].as_mut().unwrap().1, 1).await;
+    assert_eq!(got[0].0, from);
+
+    // Kill replica 3 and bring it back on the same address.
+    let (victim_network, _) = started[3].take().unwrap();
+    victim_network.shutdown().await;
+    let addr = address(&committee, victim);
+    let socket = within("rebinding the same address", async {
+        loop {
+            match std::net::UdpSocket::bind(addr) {
+                Ok(socket) => return socket,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    let (restarted, mut inbound) = start(&config, &committee, &keys, 3, socket).await;
+
+    // Messages sent while the old connection is being found dead may be lost (at most
+    // once); keep sending until the restarted replica hears from replica 0.
+    let sender = &started[0].as_ref().unwrap().0;
+    let mut seq = 1;
+    let got = within("restarted replica receives from replica 0", async {
+        loop {
+            let _ = sender.send(victim, &msg(from, seq, 8));
+            seq += 1;
+            tokio::select! {
+                got = inbound.recv() => match got {
+                    Some((sender_id, m)) if sender_id == from => return m,
+                    Some(_) => {}
+                    None => panic!("transport stopped"),
+                },
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(got.seq >= 1);
+    assert!(sender.counters().snapshot().connections_established >= 4);
+    eventually("replica 0 sees replica 3 connected", || sender.is_connected(victim)).await;
+
+    // And the restarted replica's own sends get through.
+    restarted.send(from, &msg(victim, 99, 8)).unwrap();
+    let inbound0 = &mut started[0].as_mut().unwrap().1;
+    within("replica 0 hears the restarted replica", async {
+        loop {
+            let (sender_id, m) = inbound0.recv().await.unwrap();
+            if sender_id == victim && m.seq == 99 {
+                return;
+            }
+        }
+    })
+    .await;
+    restarted.shutdown().await;
+    for (network, _) in started.into_iter().flatten() {
+        network.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_that_stops_reading_does_not_stall_the_others() {
+    const CAPACITY: usize = 32;
+    let config = NetworkConfig {
+        send_queue_capacity: CAPACITY,
+        receive_queue_capacity: 4,
+        stream_receive_window: 128 << 10,
+        ..test_config()
+    };
+    let (committee, keys, sockets) = committee(4);
+    let mut started = Vec::new();
+    for (id, socket) in sockets.into_iter().enumerate() {
+        started.push(start(&config, &committee, &keys, id as u16, socket).await);
+    }
+    let me = ReplicaId(0);
+    let stalled = ReplicaId(3);
+    eventually("replica 0 connected to all", || {
+        let n = &started[0].0;
+        committee.ids().filter(|&id| id != me).all(|id| n.is_connected(id))
+    })
+    .await;
+
+    // Replica 3 never reads its inbound queue. Flood it: flow control stops the
+    // writer, the queue fills to its bound, the rest is dropped and counted.
+    let (first, others) = started.split_at_mut(1);
+    let network = &first[0].0;
+    let mut refused = 0;
+    for seq in 0..1000 {
+        match network.send(stalled, &msg(me, seq, 16 << 10)) {
+            Ok(()) => {}
+            Err(SendError::QueueFull(id)) => {
+                assert_eq!(id, stalled);
+                refused += 1;
+            }
+            Err(e) => panic!("{e}"),
+        }
+        assert!(network.queue_len(stalled).unwrap() <= CAPACITY);
+    }
+    assert!(refused > 0);
+    eventually("queue to the stalled peer at its bound", || network.queue_len(stalled) == Some(CAPACITY))
+        .await;
+    assert_eq!(network.send(stalled, &msg(me, 1000, 16)), Err(SendError::QueueFull(stalled)));
+    let dropped = network.dropped(stalled).unwrap();
+    assert_eq!(dropped, refused + 1);
+    assert_eq!(network.counters().snapshot().send_dropped_queue_full, dropped);
+
+    // Meanwhile replicas 1 and 2 get everything, in order.
+    for seq in 0..CAPACITY as u64 {
+        network.send(ReplicaId(1), &msg(me, seq, 1024)).unwrap();
+        network.send(ReplicaId(2), &msg(me, seq, 1024)).unwrap();
+    }
+    for peer in [1, 2] {
+        let got = receive(&mut others[peer - 1].1, CAPACITY).await;
+        let seqs: Vec<u64> = got
+            .iter()
+            .map(|(from, m)| {
+                assert_eq!(*from, me);
+                m.seq
+            })
+            .collect();
+        assert_eq!(seqs, (0..CAPACITY as u64).collect::<Vec<_>>());
+    }
+    assert_eq!(network.dropped(ReplicaId(1)), Some(0));
+    assert_eq!(network.queue_len(stalled), Some(CAPACITY));
+    for (network, _) in started {
+        network.shutdown().await;
+    }
+}
