@@ -131,7 +131,7 @@ impl ClientEndpoint {
     pub async fn shutdown(self) {
         self.task.abort();
         self.endpoint.close(close_code::SHUTDOWN.into(), b"shutdown");
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(Duration::from_millis(500), self.endpoint.wait_idle()).await;
     }
 }
 

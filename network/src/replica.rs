@@ -25,6 +25,10 @@ use crate::{NetworkConfig, NetworkError, SendError, close_code, inbound, tls};
 /// proved in the handshake.
 pub type Inbound<M> = mpsc::Receiver<(ReplicaId, M)>;
 
+/// How long shutdown waits for closing connections to drain (the peers have been told
+/// at once; this only lets the close frames be retransmitted if lost).
+const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+
 struct Peer {
     queue: mpsc::Sender<Bytes>,
     state: Arc<PeerState>,
@@ -210,7 +214,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> ReplicaNetwork<M> {
     /// peers to be told. The socket is released once this returns.
     pub async fn shutdown(mut self) {
         self.stop();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+        let _ = tokio::time::timeout(SHUTDOWN_GRACE, self.endpoint.wait_idle()).await;
         for task in self.tasks.drain(..) {
             let _ = task.await;
         }
