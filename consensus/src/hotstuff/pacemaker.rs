@@ -1,0 +1,90 @@
+//! The pacemaker: which round we are in, when it times out, and who leads it.
+
+use bulwark_crypto::{Committee, ReplicaId};
+
+use crate::protocol::{Round, Time};
+
+/// Who leads a round. Round-robin now; reputation-based election can replace it.
+pub trait LeaderElection: Send + std::fmt::Debug {
+    fn leader(&self, round: Round) -> ReplicaId;
+}
+
+/// Leaders in committee id order, one round each.
+#[derive(Debug, Clone)]
+pub struct RoundRobin {
+    ids: Vec<ReplicaId>,
+}
+
+impl RoundRobin {
+    pub fn new(committee: &Committee) -> RoundRobin {
+        RoundRobin { ids: committee.ids().collect() }
+    }
+}
+
+impl LeaderElection for RoundRobin {
+    fn leader(&self, round: Round) -> ReplicaId {
+        // A committee is never empty (n ≥ 4 is validated).
+        self.ids[(round.0 % self.ids.len() as u64) as usize]
+    }
+}
+
+/// Round timeouts with exponential backoff and a cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TimeoutPolicy {
+    pub base_ms: u64,
+    pub max_ms: u64,
+}
+
+impl TimeoutPolicy {
+    /// `base_ms · 2^consecutive_timeouts`, at most `max_ms`.
+    pub fn duration(&self, consecutive_timeouts: u32) -> u64 {
+        let factor = 1u64.checked_shl(consecutive_timeouts.min(32)).unwrap_or(u64::MAX);
+        self.base_ms.saturating_mul(factor).min(self.max_ms)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Pacemaker {
+    round: Round,
+    deadline: Option<Time>,
+    consecutive_timeouts: u32,
+    policy: TimeoutPolicy,
+}
+
+impl Pacemaker {
+    pub fn new(policy: TimeoutPolicy) -> Pacemaker {
+        Pacemaker { round: Round(0), deadline: None, consecutive_timeouts: 0, policy }
+    }
+
+    pub fn round(&self) -> Round {
+        self.round
+    }
+
+    pub fn deadline(&self) -> Option<Time> {
+        self.deadline
+    }
+
+    /// Enters `round` if it is higher than the current one. A QC resets the backoff;
+    /// a TC keeps it, so a run of failed rounds waits longer and longer.
+    pub fn advance(&mut self, round: Round, now: Time, via_timeout: bool) -> bool {
+        if round <= self.round {
+            return false;
+        }
+        self.round = round;
+        if !via_timeout {
+            self.consecutive_timeouts = 0;
+        }
+        self.deadline = Some(now.plus_millis(self.policy.duration(self.consecutive_timeouts)));
+        true
+    }
+
+    /// The round's timer fired: back off and re-arm.
+    pub fn local_timeout(&mut self, now: Time) {
+        self.consecutive_timeouts = self.consecutive_timeouts.saturating_add(1);
+        self.deadline = Some(now.plus_millis(self.policy.duration(self.consecutive_timeouts)));
+    }
+
+    pub fn expired(&self, now: Time) -> bool {
+        self.deadline.is_some_and(|d| now >= d)
+    }
+}

@@ -1,0 +1,652 @@
+//! The deterministic simulator: n replicas of a real protocol core in one process,
+//! under a seeded scheduler that owns time, the network (delay, loss, duplication,
+//! reordering, partitions healing at GST), a disk per replica, crashes and restarts,
+//! clients and a small deterministic application. It is generic over the protocol:
+//! anything implementing [`Protocol`] runs here through a [`Harness`].
+
+mod app;
+mod checker;
+mod hotstuff;
+mod network;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use bulwark_consensus::{
+    Actions, Input, LoadRequest, Outgoing, PayloadRequest, Protocol, Recipient, StoredRecord, Time,
+    WireMessage,
+};
+use bulwark_crypto::{Committee, Digest, Hasher, ReplicaId, Verified, codec};
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+pub use app::{App, MAX_TXS_PER_BLOCK, Mempool, decode_payload, encode_payload};
+pub use checker::{Checker, Violation};
+pub use hotstuff::HotStuffHarness;
+pub use network::{NetworkModel, Partition};
+
+/// Builds replicas of one protocol for the simulator.
+pub trait Harness {
+    type P: Protocol;
+    fn committee(&self) -> &Committee;
+    /// A replica started fresh (empty `disk`) or restarted from what it persisted and
+    /// what its application executed.
+    fn replica(&self, id: ReplicaId, disk: &[<Self::P as Protocol>::Record], app: &App) -> Self::P;
+}
+
+/// Every knob of one simulation, all drawn from the seed.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    pub seed: u64,
+    pub nodes: usize,
+    pub network: NetworkModel,
+    pub transactions: usize,
+    /// Clients submit until this time; they resubmit what has not committed.
+    pub submit_until: Time,
+    pub client_retry_ms: u64,
+    /// (replica, crash time, restart time); at most f replicas, all before GST.
+    pub crashes: Vec<(usize, Time, Time)>,
+    /// Crash and restart every replica at once: (crash time, restart time).
+    pub whole_committee_restart: Option<(Time, Time)>,
+    /// After GST, each transaction commits within this many ms of max(submit, GST).
+    pub liveness_bound_ms: u64,
+    /// Blocks that must be committed after GST for the run to end well.
+    pub min_blocks_after_gst: usize,
+    pub max_time: Time,
+}
+
+impl SimConfig {
+    /// The scenario of `seed` for `nodes` replicas.
+    pub fn from_seed(nodes: usize, seed: u64) -> SimConfig {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0f_b01_0a4c);
+        let f = (nodes - 1) / 3;
+        let gst = Time(rng.gen_range(2_000..12_000));
+        let mut partitions = Vec::new();
+        for _ in 0..rng.gen_range(0..3) {
+            let start = rng.gen_range(0..gst.0);
+            let end = (start + rng.gen_range(500..4_000)).min(gst.0);
+            let side = (0..nodes).map(|_| rng.gen_bool(0.5)).collect();
+            partitions.push(Partition { start: Time(start), end: Time(end), side });
+        }
+        let network = NetworkModel {
+            gst,
+            pre_gst_max_delay: rng.gen_range(5..400),
+            post_gst_max_delay: rng.gen_range(2..60),
+            drop_rate: [0.0, 0.01, 0.05, 0.2][rng.gen_range(0..4)],
+            duplicate_rate: [0.0, 0.02, 0.1][rng.gen_range(0..3)],
+            partitions,
+        };
+        let mut ids: Vec<usize> = (0..nodes).collect();
+        ids.shuffle(&mut rng);
+        let crashes = ids
+            .into_iter()
+            .take(rng.gen_range(0..=f))
+            .map(|id| {
+                let at = rng.gen_range(0..gst.0);
+                let back = (at + rng.gen_range(100..5_000)).min(gst.0);
+                (id, Time(at), Time(back))
+            })
+            .collect();
+        let whole_committee_restart = rng.gen_bool(0.15).then(|| {
+            let at = rng.gen_range(200..gst.0);
+            (Time(at), Time((at + rng.gen_range(50..2_000)).min(gst.0 + 500)))
+        });
+        SimConfig {
+            seed,
+            nodes,
+            network,
+            transactions: rng.gen_range(50..200),
+            submit_until: gst.plus_millis(5_000),
+            client_retry_ms: 3_000,
+            crashes,
+            whole_committee_restart,
+            liveness_bound_ms: 60_000,
+            min_blocks_after_gst: 50,
+            max_time: gst.plus_millis(120_000),
+        }
+    }
+
+    /// The one command that replays this scenario.
+    pub fn replay_command(&self) -> String {
+        format!(
+            "cargo run --release -p bulwark-tests --bin sim -- --nodes {} --seed {}",
+            self.nodes, self.seed
+        )
+    }
+}
+
+/// What a successful run did.
+#[derive(Clone, Debug, Default)]
+pub struct SimReport {
+    pub seed: u64,
+    pub blocks_committed: usize,
+    pub blocks_after_gst: usize,
+    pub transactions: usize,
+    pub messages_delivered: u64,
+    pub steps: u64,
+    pub simulated_ms: u64,
+    pub evidence: usize,
+    pub digest_mismatches: usize,
+    pub verify_failures: u64,
+    /// A hash of every event in order: equal for equal seeds.
+    pub trace_digest: Digest,
+}
+
+/// A failed run: what, where, the last events and how to replay it.
+#[derive(Clone, Debug)]
+pub struct SimFailure {
+    pub seed: u64,
+    pub step: u64,
+    pub time: Time,
+    pub violation: Violation,
+    pub trace: Vec<String>,
+    pub replay: String,
+}
+
+impl fmt::Display for SimFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "{} violation at seed {} step {} (t = {} ms): {}",
+            self.violation.class(),
+            self.seed,
+            self.step,
+            self.time.0,
+            self.violation
+        )?;
+        writeln!(f, "last events:")?;
+        for line in &self.trace {
+            writeln!(f, "  {line}")?;
+        }
+        write!(f, "replay: {}", self.replay)
+    }
+}
+
+enum Event<M> {
+    Deliver {
+        to: usize,
+        from: usize,
+        bytes: std::sync::Arc<Vec<u8>>,
+        digest: Digest,
+        _m: std::marker::PhantomData<M>,
+    },
+    Timer {
+        node: usize,
+    },
+    Submit {
+        tx: u64,
+    },
+    Crash {
+        node: usize,
+    },
+    ArmCrash {
+        node: usize,
+    },
+    Restart {
+        node: usize,
+    },
+}
+
+struct Node<P: Protocol> {
+    core: Option<P>,
+    disk: Vec<P::Record>,
+    /// Chain records by digest: (parent, transactions), for payload exclusion and loads.
+    chain: HashMap<Digest, (Digest, usize)>,
+    app: App,
+    mempool: Mempool,
+    timer_at: Option<Time>,
+    crash_at_next_persist: bool,
+}
+
+const TRACE_LEN: usize = 48;
+
+/// One traced event. Messages are kept encoded and only decoded to text on failure.
+enum TraceEntry {
+    Text(String),
+    Deliver { time: Time, from: usize, to: usize, bytes: std::sync::Arc<Vec<u8>> },
+}
+
+/// One simulation run.
+pub struct Simulation<H: Harness> {
+    harness: H,
+    cfg: SimConfig,
+    rng: ChaCha8Rng,
+    now: Time,
+    seq: u64,
+    queue: BTreeMap<(Time, u64), Event<<H::P as Protocol>::Message>>,
+    nodes: Vec<Node<H::P>>,
+    ids: Vec<ReplicaId>,
+    checker: Checker,
+    /// Transactions, when first submitted.
+    trace: VecDeque<TraceEntry>,
+    trace_hash: Hasher,
+    next_liveness_check: Time,
+    verify_cache: HashMap<Digest, bool>,
+    report: SimReport,
+    /// When set, checks integrity on every ordered transaction, not only fresh ones:
+    /// honest leaders never re-propose what their ancestors carry.
+    pub strict_integrity: bool,
+}
+
+impl<H: Harness> Simulation<H> {
+    pub fn new(harness: H, cfg: SimConfig) -> Self {
+        let ids: Vec<ReplicaId> = harness.committee().ids().collect();
+        let nodes = (0..cfg.nodes)
+            .map(|_| Node {
+                core: None,
+                disk: Vec::new(),
+                chain: HashMap::new(),
+                app: App::default(),
+                mempool: Mempool::default(),
+                timer_at: None,
+                crash_at_next_persist: false,
+            })
+            .collect();
+        let checker = Checker { honest: (0..cfg.nodes).collect(), ..Checker::default() };
+        Simulation {
+            rng: ChaCha8Rng::seed_from_u64(cfg.seed),
+            harness,
+            now: Time(0),
+            seq: 0,
+            queue: BTreeMap::new(),
+            nodes,
+            ids,
+            checker,
+            trace: VecDeque::new(),
+            trace_hash: Hasher::new(),
+            next_liveness_check: Time(0),
+            verify_cache: HashMap::new(),
+            report: SimReport { seed: cfg.seed, ..SimReport::default() },
+            strict_integrity: true,
+            cfg,
+        }
+    }
+
+    fn schedule(&mut self, at: Time, event: Event<<H::P as Protocol>::Message>) {
+        self.seq += 1;
+        self.queue.insert((at, self.seq), event);
+    }
+
+    fn note(&mut self, line: String) {
+        self.trace_hash.update(line.as_bytes());
+        self.push_trace(TraceEntry::Text(line));
+    }
+
+    fn push_trace(&mut self, entry: TraceEntry) {
+        if self.trace.len() == TRACE_LEN {
+            self.trace.pop_front();
+        }
+        self.trace.push_back(entry);
+    }
+
+    fn trace_lines(&self) -> Vec<String> {
+        let limit = <<H::P as Protocol>::Message as WireMessage>::MAX_ENCODED_BYTES;
+        self.trace
+            .iter()
+            .map(|entry| match entry {
+                TraceEntry::Text(line) => line.clone(),
+                TraceEntry::Deliver { time, from, to, bytes } => {
+                    match codec::decode::<<H::P as Protocol>::Message>(bytes, limit) {
+                        Ok(msg) => format!("t={} deliver {from}->{to} {:?}", time.0, Summary(&msg)),
+                        Err(e) => format!("t={} deliver {from}->{to} undecodable: {e}", time.0),
+                    }
+                }
+            })
+            .collect()
+    }
+
+    fn fail(&self, violation: Violation) -> SimFailure {
+        SimFailure {
+            seed: self.cfg.seed,
+            step: self.report.steps,
+            time: self.now,
+            violation,
+            trace: self.trace_lines(),
+            replay: self.cfg.replay_command(),
+        }
+    }
+
+    /// Runs the scenario to the end; `Err` on the first violated invariant.
+    pub fn run(mut self) -> Result<SimReport, SimFailure> {
+        self.setup();
+        while let Some(((at, _), event)) = self.queue.pop_first() {
+            self.now = at;
+            self.report.steps += 1;
+            self.dispatch(event).map_err(|v| self.fail(v))?;
+            if self.now >= self.next_liveness_check {
+                self.next_liveness_check = self.now.plus_millis(100);
+                let gst = self.cfg.network.gst;
+                if let Some((tx, deadline)) = self.checker.overdue(self.now, gst, self.cfg.liveness_bound_ms)
+                {
+                    let detail = format!("tx {tx} not committed by t = {} ms (GST {} ms)", deadline.0, gst.0);
+                    return Err(self.fail(Violation::Liveness { detail }));
+                }
+            }
+            if self.finished() {
+                break;
+            }
+            if self.now > self.cfg.max_time {
+                let detail = format!(
+                    "only {} blocks committed after GST by t = {} ms (need {})",
+                    self.checker.blocks_after(self.cfg.network.gst),
+                    self.now.0,
+                    self.cfg.min_blocks_after_gst
+                );
+                return Err(self.fail(Violation::Liveness { detail }));
+            }
+        }
+        self.report.blocks_committed = self.checker.log.len();
+        self.report.blocks_after_gst = self.checker.blocks_after(self.cfg.network.gst);
+        self.report.transactions = self.checker.committed_tx.len();
+        self.report.simulated_ms = self.now.0;
+        self.report.trace_digest = self.trace_hash.clone().finalize();
+        Ok(self.report)
+    }
+
+    fn finished(&self) -> bool {
+        self.now > self.cfg.submit_until
+            && self.checker.committed_tx.len() == self.cfg.transactions
+            && self.checker.blocks_after(self.cfg.network.gst) >= self.cfg.min_blocks_after_gst
+    }
+
+    fn setup(&mut self) {
+        for node in 0..self.cfg.nodes {
+            self.schedule(Time(0), Event::Restart { node });
+        }
+        for tx in 0..self.cfg.transactions as u64 {
+            let at = Time(self.rng.gen_range(0..self.cfg.submit_until.0));
+            self.schedule(at, Event::Submit { tx });
+        }
+        for (node, down, up) in self.cfg.crashes.clone() {
+            let armed = self.rng.gen_bool(0.5);
+            self.schedule(down, if armed { Event::ArmCrash { node } } else { Event::Crash { node } });
+            self.schedule(down.plus_millis(200), Event::Crash { node });
+            self.schedule(up.max(down.plus_millis(201)), Event::Restart { node });
+        }
+        if let Some((down, up)) = self.cfg.whole_committee_restart {
+            for node in 0..self.cfg.nodes {
+                // Crash right after the next persist (a vote durable but not sent), or
+                // 200 ms later at the latest.
+                self.schedule(down, Event::ArmCrash { node });
+                self.schedule(down.plus_millis(200), Event::Crash { node });
+                self.schedule(up.max(down.plus_millis(201)), Event::Restart { node });
+            }
+        }
+    }
+
+    fn dispatch(&mut self, event: Event<<H::P as Protocol>::Message>) -> Result<(), Violation> {
+        match event {
+            Event::Deliver { to, from, bytes, digest, .. } => {
+                if self.nodes[to].core.is_none() {
+                    return Ok(());
+                }
+                let committee = self.harness.committee().clone();
+                let decoded = codec::decode::<<H::P as Protocol>::Message>(
+                    &bytes,
+                    <<H::P as Protocol>::Message as WireMessage>::MAX_ENCODED_BYTES,
+                );
+                let Ok(msg) = decoded else {
+                    self.report.verify_failures += 1;
+                    return Ok(());
+                };
+                // Verification is pure: a broadcast is checked once, not once per receiver.
+                let known = self.verify_cache.get(&digest).copied();
+                let verified = match known {
+                    Some(false) => None,
+                    Some(true) | None => match Verified::check(msg, &committee) {
+                        Ok(v) => Some(v),
+                        Err(_) => None,
+                    },
+                };
+                self.verify_cache.insert(digest, verified.is_some());
+                let Some(msg) = verified else {
+                    self.report.verify_failures += 1;
+                    return Ok(());
+                };
+                self.report.messages_delivered += 1;
+                self.trace_hash
+                    .update(&self.now.0.to_le_bytes())
+                    .update(&[from as u8, to as u8])
+                    .update(digest.as_bytes());
+                self.push_trace(TraceEntry::Deliver { time: self.now, from, to, bytes });
+                let from = self.ids[from];
+                self.step(to, Input::Message { from, msg })
+            }
+            Event::Timer { node } => {
+                if self.nodes[node].timer_at != Some(self.now) || self.nodes[node].core.is_none() {
+                    return Ok(());
+                }
+                self.nodes[node].timer_at = None;
+                self.note(format!("t={} timer {node}", self.now.0));
+                self.step(node, Input::Timeout)
+            }
+            Event::Submit { tx } => {
+                if self.checker.committed_tx.contains_key(&tx) {
+                    return Ok(());
+                }
+                self.checker.submitted.entry(tx).or_insert(self.now);
+                let node = self.rng.gen_range(0..self.cfg.nodes);
+                if self.nodes[node].core.is_some() && !self.nodes[node].app.executed.contains(&tx) {
+                    self.nodes[node].mempool.add(tx);
+                }
+                self.note(format!("t={} submit tx {tx} to {node}", self.now.0));
+                let retry = self.now.plus_millis(self.cfg.client_retry_ms);
+                self.schedule(retry, Event::Submit { tx });
+                Ok(())
+            }
+            Event::ArmCrash { node } => {
+                self.nodes[node].crash_at_next_persist = self.nodes[node].core.is_some();
+                Ok(())
+            }
+            Event::Crash { node } => {
+                self.crash(node);
+                Ok(())
+            }
+            Event::Restart { node } => {
+                if self.nodes[node].core.is_some() {
+                    return Ok(());
+                }
+                let id = self.ids[node];
+                let core = self.harness.replica(id, &self.nodes[node].disk, &self.nodes[node].app);
+                self.nodes[node].core = Some(core);
+                self.note(format!("t={} start {node} at height {}", self.now.0, self.nodes[node].app.height));
+                self.step(node, Input::Start)
+            }
+        }
+    }
+
+    fn crash(&mut self, node: usize) {
+        let n = &mut self.nodes[node];
+        if n.core.take().is_some() {
+            n.mempool.clear();
+            n.timer_at = None;
+            n.crash_at_next_persist = false;
+            self.note(format!("t={} crash {node}", self.now.0));
+        }
+    }
+
+    /// Feeds one input and carries out the actions, and whatever inputs they lead to.
+    fn step(
+        &mut self,
+        node: usize,
+        input: Input<<H::P as Protocol>::Message, <H::P as Protocol>::Record>,
+    ) -> Result<(), Violation> {
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            let now = self.now;
+            let Some(core) = self.nodes[node].core.as_mut() else { return Ok(()) };
+            let actions = catch_unwind(AssertUnwindSafe(|| core.handle(now, input)))
+                .map_err(|panic| Violation::Crash { replica: node, message: panic_message(&panic) })?;
+            self.apply(node, actions, &mut inputs)?;
+        }
+        if let Some(core) = self.nodes[node].core.as_ref() {
+            let deadline = core.next_deadline();
+            if let Some(at) = deadline {
+                if self.nodes[node].timer_at != Some(at) {
+                    self.nodes[node].timer_at = Some(at.max(self.now));
+                    self.schedule(at.max(self.now), Event::Timer { node });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn apply(
+        &mut self,
+        node: usize,
+        actions: Actions<<H::P as Protocol>::Message, <H::P as Protocol>::Record>,
+        inputs: &mut VecDeque<Input<<H::P as Protocol>::Message, <H::P as Protocol>::Record>>,
+    ) -> Result<(), Violation> {
+        // 1. Persist, durably, before anything leaves.
+        let persisted = !actions.persist.is_empty();
+        for record in actions.persist {
+            if let Some((digest, parent)) = record.chain_link() {
+                let txs = record.payload().map(|p| decode_payload(p).len()).unwrap_or(0);
+                self.nodes[node].chain.insert(digest, (parent, txs));
+            }
+            self.nodes[node].disk.push(record);
+        }
+        if persisted && self.nodes[node].crash_at_next_persist {
+            self.crash(node);
+            inputs.clear();
+            return Ok(());
+        }
+        // 2. Send.
+        for Outgoing { to, msg } in actions.send {
+            self.send(node, to, &msg);
+        }
+        // 3. Execute commits in order.
+        for block in actions.commit {
+            let app = &mut self.nodes[node].app;
+            if block.height <= app.height {
+                continue; // re-derived after a restart: executed already
+            }
+            let previous = app.height;
+            let ordered = decode_payload(&block.payload);
+            let execution = app.execute(&block);
+            let state_digest = app.state_digest;
+            for tx in &execution.txs {
+                self.nodes[node].mempool.remove(*tx);
+            }
+            let checked = if self.strict_integrity { ordered } else { execution.txs };
+            self.checker.on_execute(
+                node,
+                previous,
+                block.height,
+                block.digest,
+                state_digest,
+                &checked,
+                self.now,
+            )?;
+            self.note(format!(
+                "t={} {node} executed height {} ({} txs)",
+                self.now.0,
+                block.height,
+                checked.len()
+            ));
+            inputs.push_back(Input::Executed { height: block.height, state_digest });
+        }
+        // 4. Payloads and loads.
+        if let Some(request) = actions.want_payload {
+            let payload = self.payload_for(node, request);
+            inputs.push_back(Input::Payload { round: request.round, payload });
+        }
+        for request in actions.load {
+            let records = self.load(node, request);
+            inputs.push_back(Input::Loaded { request, records });
+        }
+        self.report.evidence += actions.evidence.len();
+        self.report.digest_mismatches += actions
+            .events
+            .iter()
+            .filter(|e| matches!(e, bulwark_consensus::Event::StateDigestMismatch { .. }))
+            .count();
+        Ok(())
+    }
+
+    fn send(&mut self, node: usize, to: Recipient, msg: &<H::P as Protocol>::Message) {
+        let Ok(bytes) = codec::encode(msg) else { return };
+        let digest = Digest::of(&bytes);
+        let bytes = std::sync::Arc::new(bytes);
+        let targets: Vec<usize> = match to {
+            Recipient::One(id) => self.ids.iter().position(|i| *i == id).into_iter().collect(),
+            Recipient::AllOthers => (0..self.cfg.nodes).filter(|&n| n != node).collect(),
+        };
+        for target in targets {
+            for at in self.cfg.network.deliveries(&mut self.rng, self.now, node, target) {
+                let event = Event::Deliver {
+                    to: target,
+                    from: node,
+                    bytes: bytes.clone(),
+                    digest,
+                    _m: std::marker::PhantomData,
+                };
+                self.schedule(at, event);
+            }
+        }
+    }
+
+    /// A payload from the mempool, leaving out what `parent`'s uncommitted ancestors
+    /// and the executed log already ordered.
+    fn payload_for(&mut self, node: usize, request: PayloadRequest) -> bulwark_consensus::Payload {
+        let n = &self.nodes[node];
+        let mut exclude: BTreeSet<u64> = n.app.executed.clone();
+        let mut cursor = request.parent;
+        let mut hops = 0;
+        while cursor != n.app.last_block && hops < 10_000 {
+            let Some((parent, txs)) = n.chain.get(&cursor) else { break };
+            if *txs > 0 {
+                if let Some(record) =
+                    n.disk.iter().rev().find(|r| r.chain_link().is_some_and(|(d, _)| d == cursor))
+                {
+                    exclude.extend(record.payload().map(decode_payload).unwrap_or_default());
+                }
+            }
+            cursor = *parent;
+            hops += 1;
+        }
+        encode_payload(&n.mempool.take(&exclude))
+    }
+
+    fn load(&self, node: usize, request: LoadRequest) -> Vec<<H::P as Protocol>::Record> {
+        let disk = &self.nodes[node].disk;
+        let mut out = Vec::new();
+        let mut cursor = request.key;
+        while out.len() < request.max as usize {
+            let Some(record) = disk.iter().find(|r| r.chain_link().is_some_and(|(d, _)| d == cursor)) else {
+                break;
+            };
+            let Some((_, parent)) = record.chain_link() else { break };
+            out.push(record.clone());
+            cursor = parent;
+        }
+        out
+    }
+}
+
+struct Summary<'a, M>(&'a M);
+
+impl<M: fmt::Debug> fmt::Debug for Summary<'_, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let text = format!("{:?}", self.0);
+        let cut: String = text.chars().take(120).collect();
+        f.write_str(&cut)
+    }
+}
+
+fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic".into())
+}
+
+/// Runs one seed of the default scenario for HotStuff with `nodes` replicas.
+pub fn run_hotstuff_seed(nodes: usize, seed: u64) -> Result<SimReport, SimFailure> {
+    let cfg = SimConfig::from_seed(nodes, seed);
+    Simulation::new(HotStuffHarness::new(nodes), cfg).run()
+}
