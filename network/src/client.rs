@@ -72,7 +72,7 @@ impl<Resp: Serialize> ReplySender<Resp> {
         self.queue.try_send(frame).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
                 bump(&self.counters.send_dropped_queue_full);
-                SendError::QueueFull(ReplicaId(u16::MAX))
+                SendError::ReplyQueueFull
             }
             mpsc::error::TrySendError::Closed(_) => SendError::Closed,
         })

@@ -62,8 +62,9 @@ counters! {
     frame_malformed,
     /// Inbound streams that ended in the middle of a frame.
     frame_truncated,
-    /// Inbound streams of a kind the endpoint does not accept (closed the connection).
-    stream_refused,
+    /// Inbound connections closed because the same replica connected again (the
+    /// newest connection from a replica wins; see `ReplicaNetwork`).
+    connections_replaced,
     /// Messages dropped because the destination's send queue was full.
     send_dropped_queue_full,
     /// Messages not sent because their encoding exceeds the maximum frame size.

@@ -39,6 +39,8 @@ pub enum SendError {
     UnknownPeer(ReplicaId),
     #[error("send queue to replica {0} is full; message dropped")]
     QueueFull(ReplicaId),
+    #[error("reply queue to the client is full; reply dropped")]
+    ReplyQueueFull,
     #[error("encoded message of {len} bytes exceeds the frame limit of {limit} bytes")]
     TooLarge { len: usize, limit: usize },
     #[error("message could not be encoded: {0}")]

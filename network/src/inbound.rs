@@ -1,9 +1,11 @@
 //! The inbound side: accepting connections, authenticating the peer, and reading
 //! frames from its streams.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 
 use bulwark_crypto::{Committee, ReplicaId};
+use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
@@ -12,6 +14,9 @@ use crate::counters::{NetworkCounters, add, bump};
 use crate::framing::{FrameDecoder, FrameError, decode_body};
 use crate::identity::certificate_key;
 use crate::{NetworkConfig, close_code};
+
+/// Received chunks taken from a stream per read.
+const READ_CHUNKS: usize = 32;
 
 /// Reads frames from one stream and decodes them. Any refused frame closes the whole
 /// connection with a counted reason: a peer that sends one bad frame is not trusted
@@ -47,10 +52,15 @@ impl FrameReader {
                 Ok(None) => {}
                 Err(e) => return self.refuse(connection, e),
             }
-            match self.stream.read_chunk(usize::MAX, true).await {
-                Ok(Some(chunk)) => {
-                    add(&self.counters.bytes_received, chunk.bytes.len() as u64);
-                    self.decoder.extend(&chunk.bytes);
+            // Several chunks per call: one lock of the connection state per batch of
+            // packets rather than per packet (small messages arrive many per packet).
+            let mut chunks: [Bytes; READ_CHUNKS] = Default::default();
+            match self.stream.read_chunks(&mut chunks).await {
+                Ok(Some(n)) => {
+                    for chunk in &chunks[..n] {
+                        add(&self.counters.bytes_received, chunk.len() as u64);
+                        self.decoder.extend(chunk);
+                    }
                 }
                 Ok(None) => {
                     if self.decoder.buffered() > 0 {
@@ -109,6 +119,23 @@ pub(crate) async fn handshake(
     }
 }
 
+/// The live inbound connection of each replica. An honest replica dials us over one
+/// connection at a time, so a new authenticated connection from the same replica
+/// (after it restarted, or after a path failure it noticed first) replaces the old
+/// one. This also bounds what one replica's key can make us hold: one connection, a
+/// few streams, each buffering at most one frame.
+#[derive(Default)]
+struct LiveConnections {
+    next_token: u64,
+    by_peer: BTreeMap<ReplicaId, (u64, quinn::Connection)>,
+}
+
+impl LiveConnections {
+    fn lock(live: &Mutex<LiveConnections>) -> std::sync::MutexGuard<'_, LiveConnections> {
+        live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
 /// Accepts replica connections until the endpoint closes.
 pub(crate) async fn accept_replicas<M: DeserializeOwned + Send + 'static>(
     endpoint: quinn::Endpoint,
@@ -118,9 +145,10 @@ pub(crate) async fn accept_replicas<M: DeserializeOwned + Send + 'static>(
     counters: Arc<NetworkCounters>,
     deliver: mpsc::Sender<(ReplicaId, M)>,
 ) {
+    let live = Arc::new(Mutex::new(LiveConnections::default()));
     while let Some(incoming) = endpoint.accept().await {
-        let (committee, config, counters, deliver) =
-            (committee.clone(), config.clone(), counters.clone(), deliver.clone());
+        let (committee, config, counters, deliver, live) =
+            (committee.clone(), config.clone(), counters.clone(), deliver.clone(), live.clone());
         tokio::spawn(async move {
             let Some(connection) = handshake(incoming, &config, &counters).await else {
                 return;
@@ -143,7 +171,21 @@ pub(crate) async fn accept_replicas<M: DeserializeOwned + Send + 'static>(
                 }
             };
             bump(&counters.connections_accepted);
+            let token = {
+                let mut live = LiveConnections::lock(&live);
+                let token = live.next_token;
+                live.next_token += 1;
+                if let Some((_, old)) = live.by_peer.insert(peer, (token, connection.clone())) {
+                    bump(&counters.connections_replaced);
+                    old.close(close_code::REPLACED.into(), b"replaced by a newer connection");
+                }
+                token
+            };
             serve_replica(connection, peer, config, counters, deliver).await;
+            let mut live = LiveConnections::lock(&live);
+            if live.by_peer.get(&peer).is_some_and(|(t, _)| *t == token) {
+                live.by_peer.remove(&peer);
+            }
         });
     }
 }

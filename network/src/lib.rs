@@ -44,6 +44,6 @@ pub mod close_code {
     pub const MALFORMED_FRAME: u32 = 2;
     /// The peer's identity was refused after the handshake.
     pub const REFUSED: u32 = 3;
-    /// The peer opened a stream the endpoint does not accept.
-    pub const STREAM_REFUSED: u32 = 4;
+    /// A newer authenticated connection from the same replica replaced this one.
+    pub const REPLACED: u32 = 4;
 }

@@ -41,6 +41,10 @@ struct Peer {
 /// others dialed. Two connections per pair, no tie-breaking when both dial at once, and
 /// a restarted replica is simply dialed again.
 ///
+/// Inbound, the newest authenticated connection from a replica replaces its previous
+/// one (counted in `connections_replaced`): an honest replica has one at a time, and
+/// this bounds what any one key can make us hold.
+///
 /// Sending never blocks: each peer has a bounded queue drained by its own task; when
 /// the queue is full the message is dropped and counted ([`SendError::QueueFull`]).
 /// Delivery is at most once and in order per connection: messages queued while a peer

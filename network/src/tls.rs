@@ -33,6 +33,9 @@ pub const REPLICA_ALPN: &[u8] = b"bulwark-replica/1";
 /// ALPN of the client endpoint (a separate port).
 pub const CLIENT_ALPN: &[u8] = b"bulwark-client/1";
 
+/// Connection attempts an endpoint handles at once (quinn's default is 65536).
+const MAX_INCOMING_HANDSHAKES: usize = 256;
+
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
@@ -350,6 +353,8 @@ fn quinn_server(
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(Arc::new(transport));
     config.migration(false);
+    // Handshakes in progress at once; more are refused by quinn before any crypto.
+    config.max_incoming(MAX_INCOMING_HANDSHAKES);
     Ok(config)
 }
 

@@ -158,14 +158,16 @@ async fn impostors_are_refused_at_the_handshake_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_and_garbage_frames_close_only_that_connection() {
     let config = test_config();
-    let (committee, keys, sockets) = committee(4);
+    // Five members: 0..=3 run the transport, 4 is Byzantine and speaks raw QUIC.
+    let (committee, keys, mut sockets) = committee(5);
+    let _byzantine_socket = sockets.pop();
     let mut started = Vec::new();
     for (id, socket) in sockets.into_iter().enumerate() {
         started.push(start(&config, &committee, &keys, id as u16, socket).await);
     }
     let target = address(&committee, ReplicaId(0));
-    // A Byzantine member: replica 3's real key, so it passes the handshake.
-    let byzantine = Identity::self_signed(&keys[3], &replica_name(ReplicaId(3))).unwrap();
+    // A Byzantine member's real key and name, so it passes the handshake.
+    let byzantine = Identity::self_signed(&keys[4], &replica_name(ReplicaId(4))).unwrap();
 
     // A 4 GiB length prefix. Memory stays bounded: the decoder refuses the prefix
     // before buffering (unit-tested in framing.rs, where capacity is observable).
@@ -205,7 +207,7 @@ async fn oversized_and_garbage_frames_close_only_that_connection() {
     assert_eq!(counters.frame_too_large + counters.frame_malformed, 3);
     assert_eq!(counters.messages_received, 0);
 
-    // The honest connections, including the real replica 3's, are unaffected.
+    // The honest connections are unaffected.
     for (network, _) in &started {
         network.broadcast(&msg(network.id(), 1, 64)).unwrap();
     }
@@ -368,4 +370,30 @@ async fn peer_that_stops_reading_does_not_stall_the_others() {
     for (network, _) in started {
         network.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_connection_from_a_replica_replaces_its_old_one() {
+    let config = test_config();
+    let (committee, keys, mut sockets) = committee(4);
+    let _raw_socket = sockets.pop();
+    let (network, mut inbound) = start(&config, &committee, &keys, 0, sockets.remove(0)).await;
+    let identity = Identity::self_signed(&keys[3], &replica_name(ReplicaId(3))).unwrap();
+    let target = address(&committee, ReplicaId(0));
+    let (_ep1, first) = raw_dial(&committee, &identity, ReplicaId(0), target).await.unwrap();
+    // The acceptor registers a connection once it is authenticated: wait for it.
+    eventually("first connection accepted", || network.counters().snapshot().connections_accepted >= 1).await;
+    let (_ep2, second) = raw_dial(&committee, &identity, ReplicaId(0), target).await.unwrap();
+    let reason = within("old connection replaced", first.closed()).await;
+    assert!(is_closed_with(&reason, close_code::REPLACED), "{reason}");
+    assert_eq!(network.counters().snapshot().connections_replaced, 1);
+
+    // The newest connection works, and its sender is authenticated as replica 3.
+    let mut stream = second.open_uni().await.unwrap();
+    let frame = bulwark_network::framing::encode_frame(&msg(ReplicaId(3), 5, 10), 1 << 20).unwrap();
+    stream.write_all(&frame).await.unwrap();
+    let got = receive(&mut inbound, 1).await;
+    assert_eq!(got[0].0, ReplicaId(3));
+    assert_eq!(got[0].1.seq, 5);
+    network.shutdown().await;
 }
