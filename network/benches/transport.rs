@@ -236,6 +236,69 @@ async fn ping_pong<S: Sender + Send + Sync + 'static>(
     Latency { p50_us: at(0.50), p99_us: at(0.99) }
 }
 
+/// The floor under our transport: 512 B ping-pong over one raw quinn bidirectional
+/// stream with the same TLS configuration, no queues or tasks of ours in the path.
+async fn raw_quinn_ping_pong(rounds: usize) -> Latency {
+    use bulwark_network::identity::{Identity, replica_name};
+    use bulwark_network::tls;
+    let keys: Vec<KeyPair> = (0..4).map(|_| KeyPair::generate()).collect();
+    let members = (0..4)
+        .map(|i| Member {
+            id: ReplicaId(i as u16),
+            public_key: keys[i].public(),
+            address: format!("127.0.0.1:{}", 9 + i),
+        })
+        .collect();
+    let committee = Arc::new(Committee::new("raw", members).expect("committee"));
+    let config = config(16);
+    let identity =
+        |i: usize| Identity::self_signed(&keys[i], &replica_name(ReplicaId(i as u16))).expect("identity");
+    let mut server_config =
+        tls::replica_server_config(&config, committee.clone(), &identity(1), Default::default())
+            .expect("server");
+    // Allow the one bidirectional stream this measurement uses.
+    let mut transport = tls::transport_config(&config, tls::StreamRole::Client).expect("transport");
+    transport.max_concurrent_bidi_streams(1u32.into());
+    server_config.transport_config(Arc::new(transport));
+    let server =
+        quinn::Endpoint::server(server_config, "127.0.0.1:0".parse().expect("addr")).expect("server");
+    let address = server.local_addr().expect("addr");
+    let client_config =
+        tls::replica_client_config(&config, committee, &identity(0), Default::default()).expect("client");
+    let client = quinn::Endpoint::client("127.0.0.1:0".parse().expect("addr")).expect("client");
+    let echo = tokio::spawn(async move {
+        let connection = server.accept().await.expect("incoming").await.expect("handshake");
+        let (mut send, mut recv) = connection.accept_bi().await.expect("stream");
+        let mut buffer = [0u8; 516];
+        while recv.read_exact(&mut buffer).await.is_ok() {
+            if send.write_all(&buffer).await.is_err() {
+                return;
+            }
+        }
+    });
+    let connection = client
+        .connect_with(client_config, address, &replica_name(ReplicaId(1)))
+        .expect("connect")
+        .await
+        .expect("handshake");
+    let (mut send, mut recv) = connection.open_bi().await.expect("stream");
+    let mut buffer = [0x77u8; 516];
+    let mut samples = Vec::with_capacity(rounds);
+    for round in 0..rounds + rounds / 10 {
+        let started = Instant::now();
+        send.write_all(&buffer).await.expect("write");
+        recv.read_exact(&mut buffer).await.expect("read");
+        if round >= rounds / 10 {
+            samples.push(started.elapsed());
+        }
+    }
+    echo.abort();
+    samples.sort();
+    let at =
+        |q: f64| samples[((samples.len() as f64 * q) as usize).min(samples.len() - 1)].as_secs_f64() * 1e6;
+    Latency { p50_us: at(0.50), p99_us: at(0.99) }
+}
+
 struct Results {
     small: Throughput,
     large: Throughput,
@@ -275,7 +338,7 @@ fn main() {
         if quick { (50_000, 1_000, 1_000) } else { (300_000, 6_000, 5_000) };
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let (quic, tcp) = runtime.block_on(async {
+    let (quic, tcp, raw) = runtime.block_on(async {
         let quic = {
             let (a, mut a_in, _b, mut b_in, _idle) = quic_pair(8192).await;
             let small = throughput(&a, &mut b_in, 512, small_count).await;
@@ -296,14 +359,18 @@ fn main() {
             let latency = ping_pong(&a, &mut a_in, b, b_in, rounds).await;
             Results { small, large, latency }
         };
-        (quic, tcp)
+        let raw = raw_quinn_ping_pong(rounds).await;
+        (quic, tcp, raw)
     });
     let codec_small = codec_rate(512, small_count / 10);
     let codec_large = codec_rate(64 << 10, large_count / 10);
     println!(
-        "{{{},{},\"codec_round_trips_per_s\":{{\"512B\":{codec_small:.0},\"64KiB\":{codec_large:.0}}}}}",
+        "{{{},{},\"raw_quinn_ping_pong_512B\":{{\"p50_us\":{:.1},\"p99_us\":{:.1}}},\
+         \"codec_round_trips_per_s\":{{\"512B\":{codec_small:.0},\"64KiB\":{codec_large:.0}}}}}",
         json("quic", &quic),
-        json("tcp", &tcp)
+        json("tcp", &tcp),
+        raw.p50_us,
+        raw.p99_us
     );
     eprintln!(
         "loopback, 2 tokio workers, {small_count} x 512 B, {large_count} x 64 KiB, {rounds} ping-pongs"
@@ -319,6 +386,10 @@ fn main() {
             r.latency.p99_us
         );
     }
+    eprintln!(
+        "raw quinn stream (no queues or tasks of ours): ping-pong 512 B p50 {:.1} us p99 {:.1} us",
+        raw.p50_us, raw.p99_us
+    );
     eprintln!(
         "codec alone (encode + decode, one thread): 512 B {codec_small:.0}/s, 64 KiB {codec_large:.0}/s"
     );

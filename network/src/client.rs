@@ -22,7 +22,7 @@ use tokio::task::JoinHandle;
 
 use crate::counters::{NetworkCounters, add, bump};
 use crate::framing::encode_frame;
-use crate::identity::{Identity, certificate_key, replica_name};
+use crate::identity::{EndpointKind, Identity, certificate_key, endpoint_config, replica_name};
 use crate::inbound::{FrameReader, handshake, peer_certificate};
 use crate::{NetworkConfig, NetworkError, SendError, close_code, tls};
 
@@ -107,7 +107,7 @@ impl ClientEndpoint {
             .local_addr()
             .map_err(|e| NetworkError::Bind { address: format!("{socket:?}"), reason: e.to_string() })?;
         let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config(key, EndpointKind::Client),
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),

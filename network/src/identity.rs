@@ -74,6 +74,37 @@ impl Identity {
     }
 }
 
+/// Which endpoint of a replica a stateless-reset key is for.
+#[derive(Clone, Copy, Debug)]
+pub enum EndpointKind {
+    Replica,
+    Client,
+}
+
+/// The endpoint configuration of a replica. Its QUIC stateless-reset key, and the key
+/// that marks its connection ids as its own, are derived from its secret key instead
+/// of drawn at random, so that after a crash and restart on the same address the new
+/// process recognizes the connection ids its peers still use for the old one and
+/// resets those connections (RFC 9000 §10.3): the peers reconnect at once instead of
+/// waiting for the idle timeout. Only the holder of the secret key can derive them.
+pub fn endpoint_config(key: &KeyPair, kind: EndpointKind) -> quinn::EndpointConfig {
+    let label: &[u8] = match kind {
+        EndpointKind::Replica => b"bulwark/quic-stateless-reset/replica/v1\0",
+        EndpointKind::Client => b"bulwark/quic-stateless-reset/client/v1\0",
+    };
+    let seed = key.secret_bytes();
+    let derive =
+        |purpose: &[u8]| Zeroizing::new(bulwark_crypto::Digest::of_parts(&[label, purpose, seed.as_ref()]).0);
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, derive(b"reset").as_ref());
+    let cid_bytes = derive(b"connection-id");
+    let mut cid_key = [0u8; 8];
+    cid_key.copy_from_slice(&cid_bytes[..8]);
+    let cid_key = u64::from_le_bytes(cid_key);
+    let mut config = quinn::EndpointConfig::new(std::sync::Arc::new(reset_key));
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    config
+}
+
 /// The ed25519 public key a certificate carries, or `None` if it is not a well-formed
 /// X.509 certificate holding a valid (not small-order) ed25519 key.
 pub fn certificate_key(cert: &CertificateDer<'_>) -> Option<PublicKey> {

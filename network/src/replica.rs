@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 
 use crate::counters::{NetworkCounters, bump};
 use crate::framing::encode_frame;
-use crate::identity::{Identity, replica_name};
+use crate::identity::{EndpointKind, Identity, endpoint_config, replica_name};
 use crate::peer::{Dialer, PeerState, resolve};
 use crate::{NetworkConfig, NetworkError, SendError, close_code, inbound, tls};
 
@@ -102,7 +102,7 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> ReplicaNetwork<M> {
             .local_addr()
             .map_err(|e| NetworkError::Bind { address: format!("{socket:?}"), reason: e.to_string() })?;
         let mut endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::default(),
+            endpoint_config(key, EndpointKind::Replica),
             Some(server),
             socket,
             Arc::new(quinn::TokioRuntime),

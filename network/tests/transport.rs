@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bulwark_crypto::{KeyPair, ReplicaId};
 use bulwark_network::identity::{Identity, replica_name};
-use bulwark_network::{NetworkConfig, SendError, close_code};
+use bulwark_network::{NetworkConfig, ReplicaNetwork, SendError, close_code};
 use common::*;
 use rand::seq::SliceRandom as _;
 use rand::{Rng as _, RngCore as _, SeedableRng as _};
@@ -234,7 +234,7 @@ fn is_closed_with(reason: &quinn::ConnectionError, code: u32) -> bool {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn killed_and_restarted_peer_is_reconnected() {
+async fn shut_down_and_restarted_peer_is_reconnected() {
     let config = test_config();
     let (committee, keys, sockets) = committee(4);
     let mut started = Vec::new();
@@ -247,7 +247,7 @@ async fn killed_and_restarted_peer_is_reconnected() {
     let got = receive(&mut started[3].as_mut().unwrap().1, 1).await;
     assert_eq!(got[0].0, from);
 
-    // Kill replica 3 and bring it back on the same address.
+    // Stop replica 3 (it tells its peers) and bring it back on the same address.
     let (victim_network, _) = started[3].take().unwrap();
     victim_network.shutdown().await;
     let addr = address(&committee, victim);
@@ -396,4 +396,77 @@ async fn a_new_connection_from_a_replica_replaces_its_old_one() {
     assert_eq!(got[0].0, ReplicaId(3));
     assert_eq!(got[0].1.seq, 5);
     network.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_replica_restarted_on_the_same_address_is_reconnected_at_once() {
+    // The idle timeout is far beyond the test's patience: only the restarted process's
+    // stateless reset can tell replica 0 that its old connection is dead.
+    let config = NetworkConfig { idle_timeout: Duration::from_secs(300), ..test_config() };
+    let (committee, keys, mut sockets) = committee(4);
+    let victim_socket = sockets.pop().unwrap();
+    let mut started = Vec::new();
+    for (id, socket) in sockets.into_iter().enumerate() {
+        started.push(start(&config, &committee, &keys, id as u16, socket).await);
+    }
+    let victim = ReplicaId(3);
+
+    // Replica 3 runs in its own runtime so it can crash: shutting that runtime down
+    // stops its tasks without a close frame reaching anyone.
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let (crash_tx, crash_rx) = std::sync::mpsc::channel::<()>();
+    let victim_thread = {
+        let (config, committee, key) =
+            (config.clone(), committee.clone(), KeyPair::from_seed(*keys[3].secret_bytes()));
+        std::thread::spawn(move || {
+            let runtime =
+                tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+            let (network, mut inbound, first) = runtime.block_on(async {
+                let (network, mut inbound) =
+                    ReplicaNetwork::<Msg>::start_on(config, committee, victim, &key, victim_socket)
+                        .await
+                        .unwrap();
+                let first = receive(&mut inbound, 1).await;
+                (network, inbound, first)
+            });
+            ready_tx.send(first[0].0).unwrap();
+            crash_rx.recv().unwrap();
+            runtime.shutdown_background();
+            drop((network, inbound.try_recv()));
+        })
+    };
+    started[0].0.send(victim, &msg(ReplicaId(0), 0, 8)).unwrap();
+    assert_eq!(within("replica 3 up", ready_rx).await.unwrap(), ReplicaId(0));
+    crash_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || victim_thread.join().unwrap()).await.unwrap();
+
+    let addr = address(&committee, victim);
+    let socket = within("rebinding the same address", async {
+        loop {
+            match std::net::UdpSocket::bind(addr) {
+                Ok(socket) => return socket,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await;
+    let (restarted, mut inbound) = start(&config, &committee, &keys, 3, socket).await;
+    let sender = &started[0].0;
+    let mut seq = 1;
+    within("restarted replica receives from replica 0", async {
+        loop {
+            let _ = sender.send(victim, &msg(ReplicaId(0), seq, 8));
+            seq += 1;
+            tokio::select! {
+                got = inbound.recv() => if got.unwrap().0 == ReplicaId(0) { return },
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(sender.counters().snapshot().connections_lost >= 1);
+    restarted.shutdown().await;
+    for (network, _) in started {
+        network.shutdown().await;
+    }
 }
