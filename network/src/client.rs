@@ -88,6 +88,26 @@ pub struct ClientEndpoint {
 }
 
 impl ClientEndpoint {
+    /// Binds `address` (`host:port`) and serves clients there; see
+    /// [`ClientEndpoint::start`].
+    pub async fn bind<Req, Resp>(
+        config: NetworkConfig,
+        me: ReplicaId,
+        key: &KeyPair,
+        address: &str,
+    ) -> Result<(Self, mpsc::Receiver<ClientRequest<Req, Resp>>), NetworkError>
+    where
+        Req: DeserializeOwned + Send + 'static,
+        Resp: Serialize + Send + 'static,
+    {
+        let resolved = crate::peer::resolve(address)
+            .await
+            .map_err(|reason| NetworkError::Address { address: address.to_string(), reason })?;
+        let socket = std::net::UdpSocket::bind(resolved)
+            .map_err(|e| NetworkError::Bind { address: address.to_string(), reason: e.to_string() })?;
+        Self::start(config, me, key, socket).await
+    }
+
     /// Serves clients on `socket` as replica `me` (whose committee key is `key`).
     pub async fn start<Req, Resp>(
         config: NetworkConfig,

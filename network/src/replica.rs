@@ -148,7 +148,9 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> ReplicaNetwork<M> {
     }
 
     /// Queues `message` for replica `to`. Never blocks; see [`SendError`] for why a
-    /// message is not queued (each reason is also counted).
+    /// message is not queued (each reason is also counted). There is no loopback: a
+    /// message to ourselves is refused ([`SendError::UnknownPeer`]); the node hands its
+    /// own messages to its core directly.
     pub fn send(&self, to: ReplicaId, message: &M) -> Result<(), SendError> {
         let Some(peer) = self.peers.get(&to) else {
             bump(&self.counters.send_dropped_unknown_peer);

@@ -3,8 +3,6 @@
 
 mod common;
 
-use std::net::UdpSocket;
-
 use bulwark_crypto::{KeyPair, ReplicaId};
 use bulwark_network::{ClientConnection, ClientEndpoint};
 use common::*;
@@ -13,12 +11,11 @@ use common::*;
 async fn clients_get_replies_and_are_identified_by_their_key() {
     let config = test_config();
     let (committee, keys, _sockets) = committee(4);
-    let socket = UdpSocket::bind("127.0.0.1:0").unwrap();
-    let (endpoint, mut requests) = ClientEndpoint::start::<String, (Option<String>, String)>(
+    let (endpoint, mut requests) = ClientEndpoint::bind::<String, (Option<String>, String)>(
         config.clone(),
         ReplicaId(2),
         &keys[2],
-        socket,
+        "127.0.0.1:0",
     )
     .await
     .unwrap();
