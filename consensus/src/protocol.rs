@@ -62,7 +62,13 @@ pub struct Payload(pub Vec<u8>);
 /// A message type a core exchanges. Verified against the committee before it is fed to
 /// the core (see `bulwark_crypto::Verified`).
 pub trait WireMessage:
-    Serialize + DeserializeOwned + Clone + fmt::Debug + Send + Verify<Context = Committee> + 'static
+    Serialize
+    + DeserializeOwned
+    + Clone
+    + fmt::Debug
+    + Send
+    + Verify<Context = Committee, Error: std::error::Error + Send + Sync + 'static>
+    + 'static
 {
     /// The largest encoded message a host should accept for this protocol.
     const MAX_ENCODED_BYTES: usize;

@@ -72,18 +72,21 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Code
     if bytes.len() > limit {
         return Err(CodecError::TooLarge { len: bytes.len(), limit });
     }
-    // bincode's limit is a type parameter; pick the smallest tier that can hold the
-    // input, so no claimed length can make it allocate more than 4x the input.
-    match bytes.len() {
-        0..=1024 => decode_with::<T, 1024>(bytes),
-        0..=4096 => decode_with::<T, 4096>(bytes),
-        0..=16384 => decode_with::<T, 16384>(bytes),
-        0..=65536 => decode_with::<T, 65536>(bytes),
-        0..=262144 => decode_with::<T, 262144>(bytes),
-        0..=1048576 => decode_with::<T, 1048576>(bytes),
-        0..=4194304 => decode_with::<T, 4194304>(bytes),
-        0..=16777216 => decode_with::<T, 16777216>(bytes),
-        _ => decode_with::<T, MAX_DECODE_BYTES>(bytes),
+    // bincode's limit is a type parameter and counts bytes by their in-memory size (a
+    // one-byte varint claims the 8 bytes of its u64), so it is set to 16 times the input,
+    // rounded up to a power of four: no length prefix can make a decode allocate more
+    // than 64 times the bytes that actually arrived.
+    match bytes.len().saturating_mul(16) {
+        0..=0x1000 => decode_with::<T, 0x1000>(bytes),
+        0x1001..=0x4000 => decode_with::<T, 0x4000>(bytes),
+        0x4001..=0x10000 => decode_with::<T, 0x10000>(bytes),
+        0x10001..=0x40000 => decode_with::<T, 0x40000>(bytes),
+        0x40001..=0x100000 => decode_with::<T, 0x100000>(bytes),
+        0x100001..=0x400000 => decode_with::<T, 0x400000>(bytes),
+        0x400001..=0x1000000 => decode_with::<T, 0x1000000>(bytes),
+        0x1000001..=0x4000000 => decode_with::<T, 0x4000000>(bytes),
+        0x4000001..=0x10000000 => decode_with::<T, 0x10000000>(bytes),
+        _ => decode_with::<T, 0x4000_0000>(bytes),
     }
 }
 
@@ -123,6 +126,14 @@ mod tests {
         frame.extend_from_slice(&(1u64 << 63).to_le_bytes());
         assert!(decode::<Vec<Sample>>(&frame, 1 << 20).is_err());
         assert!(decode::<String>(&frame, 1 << 20).is_err());
+    }
+
+    #[test]
+    fn integer_heavy_values_decode_despite_in_memory_accounting() {
+        // 5,000 small u64s are one byte each on the wire but 8 bytes in memory.
+        let ids: Vec<u64> = (0..5000).map(|i| i % 100).collect();
+        let bytes = encode(&ids).unwrap();
+        assert_eq!(decode::<Vec<u64>>(&bytes, MAX_DECODE_BYTES).unwrap(), ids);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! Cryptography and encoding shared by every Bulwark crate.
 //!
 //! - [`KeyPair`], [`PublicKey`], [`Signature`]: ed25519 (ed25519-dalek), key files;
-//! - [`Digest`]: SHA-256;
+//! - SHA-256 digests: [`Digest`];
 //! - [`Signed`], [`Verified`], [`Domain`]: domain-separated signing, where a verified
 //!   value can only be built by checking its signature;
 //! - [`QuorumSignatures`]: quorum certificate signature sets with batch verification;

@@ -128,10 +128,10 @@ impl BlockTree {
         let mut keep = BTreeSet::new();
         let mut queue = VecDeque::from([self.root]);
         while let Some(d) = queue.pop_front() {
-            if keep.insert(d) {
-                if let Some(kids) = self.children.get(&d) {
-                    queue.extend(kids.iter().copied());
-                }
+            if keep.insert(d)
+                && let Some(kids) = self.children.get(&d)
+            {
+                queue.extend(kids.iter().copied());
             }
         }
         // The committed chain from the old root (inclusive) up to the new root (exclusive).
@@ -147,11 +147,11 @@ impl BlockTree {
         let removed: Vec<Digest> = self.blocks.keys().filter(|d| !keep.contains(*d)).copied().collect();
         for d in removed {
             self.children.remove(&d);
-            if let Some(block) = self.blocks.remove(&d) {
-                if committed_chain.contains(&d) {
-                    self.committed_by_height.insert(block.height, d);
-                    self.committed.insert(d, block);
-                }
+            if let Some(block) = self.blocks.remove(&d)
+                && committed_chain.contains(&d)
+            {
+                self.committed_by_height.insert(block.height, d);
+                self.committed.insert(d, block);
             }
         }
         while self.committed_by_height.len() as u64 > COMMITTED_RETAINED {

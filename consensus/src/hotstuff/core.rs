@@ -232,6 +232,16 @@ impl HotStuff {
     /// Two-chain commit rule: a block is committed when its child in the next round is
     /// certified. `qc` certifies the child.
     fn try_commit_via(&mut self, qc: &QuorumCert) {
+        if cfg!(feature = "unsafe-one-chain-commit") {
+            // Deliberately broken (test-only): commit a block as soon as it is certified.
+            if qc.vote.height > self.tree.root().height
+                && self.tree.extends(&qc.block(), &self.tree.root_digest())
+            {
+                let certified = qc.block();
+                self.commit_chain(&certified);
+            }
+            return;
+        }
         let Some(child) = self.tree.get(&qc.block()) else { return };
         let parent_digest = child.parent;
         let child_round = child.round;
@@ -242,7 +252,12 @@ impl HotStuff {
         if !self.tree.extends(&parent_digest, &self.tree.root_digest()) {
             return;
         }
-        for block in self.tree.commit(&parent_digest) {
+        self.commit_chain(&parent_digest);
+    }
+
+    /// Commits `digest` and its uncommitted ancestors, oldest first.
+    fn commit_chain(&mut self, digest: &Digest) {
+        for block in self.tree.commit(digest) {
             let digest = block.digest();
             self.out.commit.push(CommittedBlock {
                 height: block.height,

@@ -85,9 +85,6 @@ impl SafetyRules {
         if round <= qc_round {
             return Err(Refusal::RoundNotAboveQc { round, qc_round });
         }
-        if cfg!(feature = "unsafe-skip-locking-rule") {
-            return Ok(());
-        }
         let extends_tc =
             tc.is_some_and(|tc| consecutive(round, tc.round) && qc_round >= tc.max_high_qc_round());
         if consecutive(round, qc_round) || extends_tc { Ok(()) } else { Err(Refusal::NotSafeToExtend) }

@@ -53,7 +53,7 @@ fn main() -> anyhow::Result<()> {
     let next = AtomicU64::new(args.first_seed);
     let end = args.first_seed + args.seeds;
     let blocks = AtomicUsize::new(0);
-    let failures = std::sync::Mutex::new(Vec::<SimFailure>::new());
+    let failures = std::sync::Mutex::new(Vec::<Box<SimFailure>>::new());
     std::thread::scope(|scope| {
         for _ in 0..args.threads.max(1) {
             scope.spawn(|| {

@@ -60,7 +60,7 @@ pub struct SimConfig {
 impl SimConfig {
     /// The scenario of `seed` for `nodes` replicas.
     pub fn from_seed(nodes: usize, seed: u64) -> SimConfig {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_0f_b01_0a4c);
+        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_f0b0_10a4);
         let f = (nodes - 1) / 3;
         let gst = Time(rng.gen_range(2_000..12_000));
         let mut partitions = Vec::new();
@@ -130,6 +130,8 @@ pub struct SimReport {
     pub evidence: usize,
     pub digest_mismatches: usize,
     pub verify_failures: u64,
+    /// The first few reasons messages failed verification.
+    pub verify_errors: Vec<String>,
     /// A hash of every event in order: equal for equal seeds.
     pub trace_digest: Digest,
 }
@@ -189,11 +191,18 @@ enum Event<M> {
     },
 }
 
+struct ChainEntry {
+    parent: Digest,
+    txs: Vec<u64>,
+    /// Position of the record on the disk.
+    record: usize,
+}
+
 struct Node<P: Protocol> {
     core: Option<P>,
     disk: Vec<P::Record>,
-    /// Chain records by digest: (parent, transactions), for payload exclusion and loads.
-    chain: HashMap<Digest, (Digest, usize)>,
+    /// Chain records by digest, for payload exclusion and loads.
+    chain: HashMap<Digest, ChainEntry>,
     app: App,
     mempool: Mempool,
     timer_at: Option<Time>,
@@ -297,19 +306,19 @@ impl<H: Harness> Simulation<H> {
             .collect()
     }
 
-    fn fail(&self, violation: Violation) -> SimFailure {
-        SimFailure {
+    fn fail(&self, violation: Violation) -> Box<SimFailure> {
+        Box::new(SimFailure {
             seed: self.cfg.seed,
             step: self.report.steps,
             time: self.now,
             violation,
             trace: self.trace_lines(),
             replay: self.cfg.replay_command(),
-        }
+        })
     }
 
     /// Runs the scenario to the end; `Err` on the first violated invariant.
-    pub fn run(mut self) -> Result<SimReport, SimFailure> {
+    pub fn run(mut self) -> Result<SimReport, Box<SimFailure>> {
         self.setup();
         while let Some(((at, _), event)) = self.queue.pop_first() {
             self.now = at;
@@ -387,9 +396,15 @@ impl<H: Harness> Simulation<H> {
                     &bytes,
                     <<H::P as Protocol>::Message as WireMessage>::MAX_ENCODED_BYTES,
                 );
-                let Ok(msg) = decoded else {
-                    self.report.verify_failures += 1;
-                    return Ok(());
+                let msg = match decoded {
+                    Ok(msg) => msg,
+                    Err(e) => {
+                        self.report.verify_failures += 1;
+                        if self.report.verify_errors.len() < 8 {
+                            self.report.verify_errors.push(format!("decode: {e}"));
+                        }
+                        return Ok(());
+                    }
                 };
                 // Verification is pure: a broadcast is checked once, not once per receiver.
                 let known = self.verify_cache.get(&digest).copied();
@@ -397,7 +412,12 @@ impl<H: Harness> Simulation<H> {
                     Some(false) => None,
                     Some(true) | None => match Verified::check(msg, &committee) {
                         Ok(v) => Some(v),
-                        Err(_) => None,
+                        Err(e) => {
+                            if self.report.verify_errors.len() < 8 {
+                                self.report.verify_errors.push(e.to_string());
+                            }
+                            None
+                        }
                     },
                 };
                 self.verify_cache.insert(digest, verified.is_some());
@@ -483,11 +503,11 @@ impl<H: Harness> Simulation<H> {
         }
         if let Some(core) = self.nodes[node].core.as_ref() {
             let deadline = core.next_deadline();
-            if let Some(at) = deadline {
-                if self.nodes[node].timer_at != Some(at) {
-                    self.nodes[node].timer_at = Some(at.max(self.now));
-                    self.schedule(at.max(self.now), Event::Timer { node });
-                }
+            if let Some(at) = deadline
+                && self.nodes[node].timer_at != Some(at)
+            {
+                self.nodes[node].timer_at = Some(at.max(self.now));
+                self.schedule(at.max(self.now), Event::Timer { node });
             }
         }
         Ok(())
@@ -503,11 +523,12 @@ impl<H: Harness> Simulation<H> {
         // 1. Persist, durably, before anything leaves.
         let persisted = !actions.persist.is_empty();
         for record in actions.persist {
+            let n = &mut self.nodes[node];
             if let Some((digest, parent)) = record.chain_link() {
-                let txs = record.payload().map(|p| decode_payload(p).len()).unwrap_or(0);
-                self.nodes[node].chain.insert(digest, (parent, txs));
+                let txs = record.payload().map(decode_payload).unwrap_or_default();
+                n.chain.insert(digest, ChainEntry { parent, txs, record: n.disk.len() });
             }
-            self.nodes[node].disk.push(record);
+            n.disk.push(record);
         }
         if persisted && self.nodes[node].crash_at_next_persist {
             self.crash(node);
@@ -595,33 +616,22 @@ impl<H: Harness> Simulation<H> {
         let n = &self.nodes[node];
         let mut exclude: BTreeSet<u64> = n.app.executed.clone();
         let mut cursor = request.parent;
-        let mut hops = 0;
-        while cursor != n.app.last_block && hops < 10_000 {
-            let Some((parent, txs)) = n.chain.get(&cursor) else { break };
-            if *txs > 0 {
-                if let Some(record) =
-                    n.disk.iter().rev().find(|r| r.chain_link().is_some_and(|(d, _)| d == cursor))
-                {
-                    exclude.extend(record.payload().map(decode_payload).unwrap_or_default());
-                }
-            }
-            cursor = *parent;
-            hops += 1;
+        while cursor != n.app.last_block {
+            let Some(entry) = n.chain.get(&cursor) else { break };
+            exclude.extend(entry.txs.iter().copied());
+            cursor = entry.parent;
         }
         encode_payload(&n.mempool.take(&exclude))
     }
 
     fn load(&self, node: usize, request: LoadRequest) -> Vec<<H::P as Protocol>::Record> {
-        let disk = &self.nodes[node].disk;
+        let n = &self.nodes[node];
         let mut out = Vec::new();
         let mut cursor = request.key;
         while out.len() < request.max as usize {
-            let Some(record) = disk.iter().find(|r| r.chain_link().is_some_and(|(d, _)| d == cursor)) else {
-                break;
-            };
-            let Some((_, parent)) = record.chain_link() else { break };
-            out.push(record.clone());
-            cursor = parent;
+            let Some(entry) = n.chain.get(&cursor) else { break };
+            out.push(n.disk[entry.record].clone());
+            cursor = entry.parent;
         }
         out
     }
@@ -646,7 +656,7 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
 }
 
 /// Runs one seed of the default scenario for HotStuff with `nodes` replicas.
-pub fn run_hotstuff_seed(nodes: usize, seed: u64) -> Result<SimReport, SimFailure> {
+pub fn run_hotstuff_seed(nodes: usize, seed: u64) -> Result<SimReport, Box<SimFailure>> {
     let cfg = SimConfig::from_seed(nodes, seed);
     Simulation::new(HotStuffHarness::new(nodes), cfg).run()
 }
