@@ -332,6 +332,24 @@ fn codec_rate(size: usize, count: u64) -> f64 {
     count as f64 / started.elapsed().as_secs_f64()
 }
 
+/// The QUIC transport between two replicas: 512 B and 64 KiB throughput, then 512 B
+/// ping-pong, each on a fresh pair (dropped before the next measurement).
+async fn run_quic(small_count: u64, large_count: u64, rounds: usize) -> Results {
+    let small = {
+        let (a, _a_in, _b, mut b_in, _idle) = quic_pair(8192).await;
+        throughput(&a, &mut b_in, 512, small_count).await
+    };
+    let large = {
+        let (a, _a_in, _b, mut b_in, _idle) = quic_pair(512).await;
+        throughput(&a, &mut b_in, 64 << 10, large_count).await
+    };
+    let latency = {
+        let (a, mut a_in, b, b_in, _idle) = quic_pair(8192).await;
+        ping_pong(&a, &mut a_in, b, b_in, rounds).await
+    };
+    Results { small, large, latency }
+}
+
 fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let (small_count, large_count, rounds) =
@@ -339,22 +357,16 @@ fn main() {
     let runtime =
         tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let (quic, tcp, raw) = runtime.block_on(async {
-        let quic = {
-            let (a, mut a_in, _b, mut b_in, _idle) = quic_pair(8192).await;
-            let small = throughput(&a, &mut b_in, 512, small_count).await;
-            let (a, mut a_in2, _b, mut b_in, _idle2) = quic_pair(512).await;
-            let large = throughput(&a, &mut b_in, 64 << 10, large_count).await;
-            drop(a_in2.try_recv());
-            let (a2, mut a2_in, b2, b2_in, _idle3) = quic_pair(8192).await;
-            let latency = ping_pong(&a2, &mut a2_in, b2, b2_in, rounds).await;
-            drop(a_in.try_recv());
-            Results { small, large, latency }
-        };
+        let quic = run_quic(small_count, large_count, rounds).await;
         let tcp = {
-            let (a, _a_in, _b, mut b_in) = tcp_pair(8192).await;
-            let small = throughput(&a, &mut b_in, 512, small_count).await;
-            let (a, _a_in, _b, mut b_in) = tcp_pair(512).await;
-            let large = throughput(&a, &mut b_in, 64 << 10, large_count).await;
+            let small = {
+                let (a, _a_in, _b, mut b_in) = tcp_pair(8192).await;
+                throughput(&a, &mut b_in, 512, small_count).await
+            };
+            let large = {
+                let (a, _a_in, _b, mut b_in) = tcp_pair(512).await;
+                throughput(&a, &mut b_in, 64 << 10, large_count).await
+            };
             let (a, mut a_in, b, b_in) = tcp_pair(8192).await;
             let latency = ping_pong(&a, &mut a_in, b, b_in, rounds).await;
             Results { small, large, latency }
@@ -375,9 +387,9 @@ fn main() {
     eprintln!(
         "loopback, 2 tokio workers, {small_count} x 512 B, {large_count} x 64 KiB, {rounds} ping-pongs"
     );
-    for (name, r) in [("QUIC", &quic), ("TCP ", &tcp)] {
+    for (name, r) in [("QUIC", &quic), ("TCP", &tcp)] {
         eprintln!(
-            "{name}: 512 B {:>9.0} msg/s {:>7.1} MB/s | 64 KiB {:>7.0} msg/s {:>7.1} MB/s | ping-pong 512 B p50 {:>6.1} us p99 {:>6.1} us",
+            "{name:<4}: 512 B {:>9.0} msg/s {:>7.1} MB/s | 64 KiB {:>7.0} msg/s {:>7.1} MB/s | ping-pong 512 B p50 {:>6.1} us p99 {:>6.1} us",
             r.small.msgs_per_s,
             r.small.mb_per_s,
             r.large.msgs_per_s,
