@@ -5,10 +5,20 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use serde::{Deserialize, Serialize};
 use std::hint::black_box;
 
+/// A transaction whose payload serde sees as a sequence of u8 values.
 #[derive(Serialize, Deserialize)]
 struct Transaction {
     client: u64,
     sequence: u64,
+    payload: Vec<u8>,
+}
+
+/// The same transaction with its payload encoded as one byte string (`serde_bytes`).
+#[derive(Serialize, Deserialize)]
+struct ByteTransaction {
+    client: u64,
+    sequence: u64,
+    #[serde(with = "serde_bytes")]
     payload: Vec<u8>,
 }
 
@@ -64,6 +74,18 @@ fn codec_batch(c: &mut Criterion) {
     group.bench_function("decode", |b| {
         b.iter(|| {
             codec::decode::<Vec<Transaction>>(black_box(&bytes), codec::MAX_DECODE_BYTES).expect("decode")
+        })
+    });
+    let batch: Vec<ByteTransaction> = (0..1000)
+        .map(|i| ByteTransaction { client: i % 17, sequence: i, payload: vec![(i % 251) as u8; 512] })
+        .collect();
+    let bytes = codec::encode(&batch).expect("encode");
+    group.bench_function("encode_serde_bytes", |b| {
+        b.iter(|| codec::encode(black_box(&batch)).expect("encode"))
+    });
+    group.bench_function("decode_serde_bytes", |b| {
+        b.iter(|| {
+            codec::decode::<Vec<ByteTransaction>>(black_box(&bytes), codec::MAX_DECODE_BYTES).expect("decode")
         })
     });
     group.finish();

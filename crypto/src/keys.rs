@@ -125,9 +125,24 @@ impl KeyPair {
 
     /// Writes the key pair to `path` with mode 0600. Refuses to overwrite a file.
     pub fn write_file(&self, path: &Path) -> Result<(), KeyFileError> {
+        self.write_key_file(path, false)
+    }
+
+    /// Writes a key marked as a test key: nodes refuse it unless their config says
+    /// `test_keys = true`. For local testnets whose keys are not secret.
+    pub fn write_test_key_file(&self, path: &Path) -> Result<(), KeyFileError> {
+        self.write_key_file(path, true)
+    }
+
+    fn write_key_file(&self, path: &Path, test_key: bool) -> Result<(), KeyFileError> {
         let err = |kind| KeyFileError { path: path.to_path_buf(), kind };
+        let marker = if test_key {
+            "# TEST KEY for local testnets only: not secret, refused unless test_keys = true.\ntest_key = true\n"
+        } else {
+            ""
+        };
         let text = Zeroizing::new(format!(
-            "# Bulwark ed25519 key pair. Secret: never share this file.\n\
+            "# Bulwark ed25519 key pair. Secret: never share this file.\n{marker}\
              public_key = \"{}\"\nsecret_key = \"{}\"\n",
             self.public(),
             hex::encode(self.secret_bytes().as_ref())
@@ -147,6 +162,12 @@ impl KeyPair {
     /// others can read or write, a malformed file, and one whose public key does not
     /// match its secret.
     pub fn read_file(path: &Path) -> Result<Self, KeyFileError> {
+        Self::read_key_file(path).map(|(pair, _)| pair)
+    }
+
+    /// Like [`KeyPair::read_file`], also telling whether the file is marked as a test
+    /// key ([`KeyPair::write_test_key_file`]).
+    pub fn read_key_file(path: &Path) -> Result<(Self, bool), KeyFileError> {
         let err = |kind| KeyFileError { path: path.to_path_buf(), kind };
         let meta = fs::metadata(path).map_err(|e| err(KeyFileErrorKind::Io(e.to_string())))?;
         let mode = meta.permissions().mode() & 0o777;
@@ -168,7 +189,7 @@ impl KeyPair {
         if public != pair.public() {
             return Err(err(KeyFileErrorKind::Mismatch));
         }
-        Ok(pair)
+        Ok((pair, file.test_key))
     }
 }
 
@@ -183,6 +204,8 @@ impl fmt::Debug for KeyPair {
 struct KeyFileContents {
     public_key: String,
     secret_key: String,
+    #[serde(default)]
+    test_key: bool,
 }
 
 /// A key file could not be written or used; names the file and what is wrong.
@@ -236,6 +259,10 @@ mod tests {
         assert_eq!(KeyPair::read_file(&path).unwrap().public(), pair.public());
         // Never overwrites.
         assert!(pair.write_file(&path).is_err());
+        assert!(!KeyPair::read_key_file(&path).unwrap().1);
+        let test_path = dir.path().join("test.key");
+        pair.write_test_key_file(&test_path).unwrap();
+        assert!(KeyPair::read_key_file(&test_path).unwrap().1, "marked as a test key");
     }
 
     #[test]

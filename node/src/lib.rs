@@ -1,1 +1,14 @@
-//! The Bulwark replica runtime.
+//! The Bulwark replica: runtime, RocksDB storage, mempool, execution, applications,
+//! the client protocol and library, and metrics.
+
+pub mod app;
+pub mod client;
+pub mod config;
+pub mod executor;
+pub mod mempool;
+pub mod metrics;
+pub mod node;
+pub mod replica;
+pub mod storage;
+pub mod testnet;
+pub mod wire;

@@ -1,9 +1,19 @@
 //! The `bulwark` command.
 
-use std::path::PathBuf;
+use std::io::{Read as _, Write as _};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command as Process, Stdio};
+use std::time::Duration;
 
-use anyhow::Context as _;
-use bulwark_crypto::{Committee, Digest, Domain, KeyPair, QuorumSignatures};
+use anyhow::{Context as _, bail};
+use bulwark_crypto::{Committee, Digest, Domain, KeyPair, QuorumSignatures, ReplicaId};
+use bulwark_network::NetworkConfig;
+use bulwark_node::app::kv::{KvOp, KvResult};
+use bulwark_node::client::Client;
+use bulwark_node::config::NodeConfig;
+use bulwark_node::node::start_replica;
+use bulwark_node::testnet::{self, ClientConfig};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
@@ -25,10 +35,91 @@ enum Command {
     /// Sign a vote with every replica of a local 4-replica test committee, aggregate a
     /// quorum certificate and verify it.
     Smoke,
+    /// Local testnets.
+    Testnet {
+        #[command(subcommand)]
+        command: TestnetCommand,
+    },
+    /// Run one replica (what an organization runs on its own machine).
+    Start {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Talk to a committee as a client (key-value store).
+    Client {
+        /// A testnet directory (uses its client.toml) ...
+        #[arg(long, default_value = "testnet")]
+        dir: PathBuf,
+        /// ... or an explicit client.toml.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        #[command(subcommand)]
+        op: ClientOp,
+    },
+    /// Round, height, leader and digest of every replica of a testnet.
+    Status {
+        #[arg(long, default_value = "testnet")]
+        dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum TestnetCommand {
+    /// Write keys (marked as test keys), committee.toml and one config per node.
+    Init {
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        #[arg(long, default_value = "testnet")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 7000)]
+        base_port: u16,
+    },
+    /// Start every replica of a testnet as its own process (initializing it if needed)
+    /// and show their progress until Ctrl-C.
+    Run {
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        #[arg(long, default_value = "testnet")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 7000)]
+        base_port: u16,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClientOp {
+    Put {
+        key: String,
+        value: String,
+    },
+    Get {
+        key: String,
+    },
+    Delete {
+        key: String,
+    },
+    /// Set KEY to NEW if it is OLD (`-` for absent).
+    Cas {
+        key: String,
+        old: String,
+        new: String,
+    },
+    /// Keys in [START, END).
+    Range {
+        start: String,
+        end: String,
+    },
+    /// Read KEY from one replica's committed state, without consensus.
+    LocalGet {
+        key: String,
+        #[arg(long, default_value_t = 0)]
+        replica: u16,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    match cli.command {
         Command::Keygen { out } => {
             let key = KeyPair::generate();
             key.write_file(&out)?;
@@ -47,7 +138,256 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Smoke => smoke()?,
+        Command::Testnet { command: TestnetCommand::Init { nodes, dir, base_port } } => {
+            testnet::init(&dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"))?;
+            println!("testnet of {nodes} replicas written to {}", dir.display());
+        }
+        Command::Testnet { command: TestnetCommand::Run { nodes, dir, base_port } } => {
+            run_testnet(&dir, nodes, base_port)?
+        }
+        Command::Start { config } => start(&config)?,
+        Command::Client { dir, config, op } => {
+            client(&config.unwrap_or_else(|| dir.join("client.toml")), op)?
+        }
+        Command::Status { dir } => print_status(&load_client_config(&dir.join("client.toml"))?.1)?,
     }
+    Ok(())
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn start(config_path: &Path) -> anyhow::Result<()> {
+    init_logging();
+    let config = NodeConfig::load(config_path)?;
+    let settings = config.settings(config_path)?;
+    runtime()?.block_on(async {
+        let replica = start_replica(settings).await.context("starting the replica")?;
+        tracing::info!(id = %replica.id, client = %replica.client_address, metrics = ?replica.metrics_address, "replica running");
+        let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        tracing::info!("stopping");
+        replica.stop().await.context("stopping the replica")?;
+        Ok(())
+    })
+}
+
+fn load_client_config(path: &Path) -> anyhow::Result<(Committee, Vec<testnet::ClientEndpointEntry>)> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("client config {}", path.display()))?;
+    let config: ClientConfig =
+        toml::from_str(&text).with_context(|| format!("client config {}", path.display()))?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let committee_path = base.join(&config.committee);
+    let committee = Committee::from_file(&committee_path)
+        .with_context(|| format!("committee file {}", committee_path.display()))?;
+    Ok((committee, config.replicas))
+}
+
+fn client(config_path: &Path, op: ClientOp) -> anyhow::Result<()> {
+    let (committee, entries) = load_client_config(config_path)?;
+    let mut endpoints = Vec::new();
+    for entry in &entries {
+        let address: SocketAddr = entry.client_address.parse().with_context(|| {
+            format!("{}: client_address {:?}", config_path.display(), entry.client_address)
+        })?;
+        endpoints.push((ReplicaId(entry.id), address));
+    }
+    runtime()?.block_on(async {
+        let key = KeyPair::generate();
+        let mut client =
+            Client::connect(&committee, &endpoints, Some(&key), NetworkConfig::default()).await?;
+        let bytes = |s: &str| s.as_bytes().to_vec();
+        let op = match op {
+            ClientOp::Put { key, value } => KvOp::Put { key: bytes(&key), value: bytes(&value) },
+            ClientOp::Get { key } => KvOp::Get { key: bytes(&key) },
+            ClientOp::Delete { key } => KvOp::Delete { key: bytes(&key) },
+            ClientOp::Cas { key, old, new } => KvOp::CompareAndSwap {
+                key: bytes(&key),
+                expected: (old != "-").then(|| bytes(&old)),
+                new: bytes(&new),
+            },
+            ClientOp::Range { start, end } => {
+                KvOp::Range { start: bytes(&start), end: bytes(&end), limit: 1000 }
+            }
+            ClientOp::LocalGet { key, replica } => {
+                let (height, result) =
+                    client.read_local(ReplicaId(replica), KvOp::Get { key: bytes(&key) }.encode()).await?;
+                println!("{} (local read from replica {replica} at height {height})", show(&result));
+                return Ok(());
+            }
+        };
+        let certified = client.execute(op.encode()).await?;
+        let replicas: Vec<String> = certified.replicas.iter().map(|r| r.to_string()).collect();
+        println!(
+            "{} (height {}, matching replies from replicas {})",
+            show(&certified.result),
+            certified.height,
+            replicas.join(", ")
+        );
+        Ok(())
+    })
+}
+
+fn show(result: &[u8]) -> String {
+    let text = |v: &[u8]| String::from_utf8_lossy(v).into_owned();
+    match KvResult::decode(result) {
+        Some(KvResult::Done) => "ok".into(),
+        Some(KvResult::Value(Some(v))) => text(&v),
+        Some(KvResult::Value(None)) => "(absent)".into(),
+        Some(KvResult::Swapped { swapped, previous }) => {
+            format!(
+                "swapped: {swapped}, previous: {}",
+                previous.map(|p| text(&p)).unwrap_or("(absent)".into())
+            )
+        }
+        Some(KvResult::Entries(entries)) => {
+            entries.iter().map(|(k, v)| format!("{} = {}", text(k), text(v))).collect::<Vec<_>>().join("\n")
+        }
+        Some(KvResult::Invalid(reason)) => format!("refused: {reason}"),
+        None => "(undecodable result)".into(),
+    }
+}
+
+/// One metric scrape of a replica: name -> value for the metrics we show.
+fn scrape(address: &str) -> Option<std::collections::BTreeMap<String, f64>> {
+    let addr: SocketAddr = address.parse().ok()?;
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: bulwark\r\n\r\n").ok()?;
+    let mut body = String::new();
+    stream.read_to_string(&mut body).ok()?;
+    let mut out = std::collections::BTreeMap::new();
+    for line in body.lines().filter(|l| !l.starts_with('#')) {
+        let mut parts = line.rsplitn(2, ' ');
+        let (Some(value), Some(name)) = (parts.next(), parts.next()) else { continue };
+        if let Ok(v) = value.parse::<f64>() {
+            let name = name.trim_end_matches("_total");
+            *out.entry(name.to_string()).or_insert(0.0) += v;
+        }
+    }
+    Some(out)
+}
+
+fn status_lines(entries: &[testnet::ClientEndpointEntry]) -> Vec<String> {
+    let mut lines = vec![format!(
+        "{:<5} {:>8} {:>8} {:>12} {:>10} {:>9} {:>9}",
+        "NODE", "HEIGHT", "ROUND", "TXS", "VIEWCHG", "MEMPOOL", "EVIDENCE"
+    )];
+    for entry in entries {
+        let metrics = entry.metrics_address.as_deref().and_then(scrape);
+        let line = match metrics {
+            None => format!("{:<5} {:>8}", entry.id, "down"),
+            Some(m) => {
+                let get = |k: &str| m.get(k).copied().unwrap_or(0.0) as u64;
+                format!(
+                    "{:<5} {:>8} {:>8} {:>12} {:>10} {:>9} {:>9}",
+                    entry.id,
+                    get("bulwark_height"),
+                    get("bulwark_round"),
+                    get("bulwark_transactions_executed"),
+                    get("bulwark_view_changes"),
+                    get("bulwark_mempool_depth"),
+                    get("bulwark_evidence")
+                )
+            }
+        };
+        lines.push(line);
+    }
+    lines
+}
+
+fn print_status(entries: &[testnet::ClientEndpointEntry]) -> anyhow::Result<()> {
+    for line in status_lines(entries) {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn run_testnet(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<()> {
+    if !dir.join("committee.toml").exists() {
+        testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"))?;
+        println!("initialized a {nodes}-replica testnet in {}", dir.display());
+    }
+    let (committee, entries) = load_client_config(&dir.join("client.toml"))?;
+    if committee.size() != nodes {
+        bail!(
+            "{} holds a testnet of {} replicas, not {nodes}: use another --dir",
+            dir.display(),
+            committee.size()
+        );
+    }
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let exe = std::env::current_exe()?;
+    let mut children: Vec<Child> = Vec::new();
+    for i in 0..nodes {
+        let log = std::fs::File::create(logs.join(format!("node{i}.log")))?;
+        let child = Process::new(&exe)
+            .arg("start")
+            .arg("--config")
+            .arg(testnet::node_config_path(dir, i))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting replica {i}"))?;
+        children.push(child);
+    }
+    println!("started {nodes} replicas of committee {:?}", committee.name());
+    println!("  configs and keys: {}/node*.toml, node*.key (test keys)", dir.display());
+    println!("  data:             {}/data/node*", dir.display());
+    println!("  logs:             {}/node*.log", logs.display());
+    for entry in &entries {
+        if let Some(m) = &entry.metrics_address {
+            println!("  node {} metrics:   http://{m}/metrics   clients: {}", entry.id, entry.client_address);
+        }
+    }
+    println!("try: bulwark client --dir {} put hello world    (Ctrl-C stops the testnet)", dir.display());
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        ctrlc_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst))?;
+    }
+    let bar = indicatif::ProgressBar::new_spinner();
+    while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+        bar.set_message(status_lines(&entries).join("\n"));
+        bar.tick();
+        for (i, child) in children.iter_mut().enumerate() {
+            if let Ok(Some(code)) = child.try_wait() {
+                bar.suspend(|| eprintln!("replica {i} exited ({code}); see {}/node{i}.log", logs.display()));
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    bar.finish_and_clear();
+    println!("stopping {nodes} replicas");
+    for child in &children {
+        // SIGTERM: each replica saves a snapshot and closes its connections.
+        let _ = Process::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    }
+    for child in &mut children {
+        let _ = child.wait();
+    }
+    Ok(())
+}
+
+fn ctrlc_handler(f: impl Fn() + Send + 'static) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            let _ = tokio::signal::ctrl_c().await;
+            f();
+        })
+    });
     Ok(())
 }
 

@@ -1,0 +1,42 @@
+//! Replicated applications: the [`StateMachine`] trait and the two that ship.
+
+pub mod kv;
+
+use bulwark_crypto::Digest;
+use serde::{Deserialize, Serialize};
+
+/// One ordered client transaction, as the application sees it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transaction {
+    pub client: u64,
+    pub sequence: u64,
+    #[serde(with = "serde_bytes")]
+    pub op: Vec<u8>,
+}
+
+/// What executing one transaction produced (application-encoded).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Receipt(#[serde(with = "serde_bytes")] pub Vec<u8>);
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum QueryError {
+    #[error("malformed query: {0}")]
+    Malformed(String),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RestoreError {
+    #[error("snapshot does not decode: {0}")]
+    Malformed(String),
+}
+
+/// A deterministic replicated state machine. Same transactions in the same order give
+/// the same receipts and the same state digest on every replica. `state_digest` is
+/// incremental (a hash chain over each block's effects), never a scan of the state.
+pub trait StateMachine: Send + 'static {
+    fn execute(&mut self, height: u64, txs: &[Transaction]) -> Vec<Receipt>;
+    fn query(&self, request: &[u8]) -> Result<Vec<u8>, QueryError>;
+    fn state_digest(&self) -> Digest;
+    fn snapshot(&self) -> Vec<u8>;
+    fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError>;
+}

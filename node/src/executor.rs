@@ -1,0 +1,227 @@
+//! Execution of the committed log: client sessions (exactly-once by client and
+//! sequence), the application, its state digest, and durable snapshots from which a
+//! restarted replica replays the log.
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+
+use bulwark_consensus::{CommittedBlock, Height};
+use bulwark_crypto::{Digest, Hasher, codec};
+use serde::{Deserialize, Serialize};
+
+use crate::app::{Receipt, StateMachine, Transaction};
+use crate::storage::{StorageError, Store, StoredSnapshot};
+use crate::wire::decode_batch;
+
+/// Sequences a client may run ahead of its oldest unexecuted one; older ones are
+/// refused as replays.
+pub const SESSION_WINDOW: u64 = 4096;
+
+/// Per-client record of executed sequence numbers (a sliding window).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+struct Session {
+    /// The highest executed sequence.
+    highest: u64,
+    /// Executed sequences within `SESSION_WINDOW` of `highest`.
+    recent: BTreeSet<u64>,
+}
+
+impl Session {
+    /// Whether `sequence` may execute now (not executed, not too old).
+    fn admit(&mut self, sequence: u64) -> bool {
+        if sequence + SESSION_WINDOW <= self.highest || self.recent.contains(&sequence) {
+            return false;
+        }
+        self.recent.insert(sequence);
+        if sequence > self.highest {
+            self.highest = sequence;
+            let floor = self.highest.saturating_sub(SESSION_WINDOW);
+            self.recent = self.recent.split_off(&floor);
+        }
+        true
+    }
+
+    fn executed(&self, sequence: u64) -> bool {
+        sequence + SESSION_WINDOW <= self.highest || self.recent.contains(&sequence)
+    }
+}
+
+/// What executing one block produced.
+pub struct BlockOutcome {
+    pub height: Height,
+    pub state_digest: Digest,
+    /// Fresh transactions and their receipts, in order.
+    pub executed: Vec<(Transaction, Receipt)>,
+    /// Transactions skipped as already executed (retries, or a Byzantine leader's
+    /// replay).
+    pub duplicates: usize,
+}
+
+pub struct Executor<A: StateMachine> {
+    app: A,
+    sessions: BTreeMap<u64, Session>,
+    height: Height,
+    last_block: Digest,
+    state_digest: Digest,
+    snapshot_every: u64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotBody {
+    app: Vec<u8>,
+    sessions: BTreeMap<u64, Session>,
+}
+
+impl<A: StateMachine> Executor<A> {
+    pub fn new(app: A, snapshot_every: u64) -> Executor<A> {
+        let state_digest = app.state_digest();
+        Executor {
+            app,
+            sessions: BTreeMap::new(),
+            height: Height(0),
+            last_block: Digest::ZERO,
+            state_digest,
+            snapshot_every: snapshot_every.max(1),
+        }
+    }
+
+    pub fn height(&self) -> Height {
+        self.height
+    }
+
+    pub fn last_block(&self) -> Digest {
+        self.last_block
+    }
+
+    pub fn state_digest(&self) -> Digest {
+        self.state_digest
+    }
+
+    pub fn app(&self) -> &A {
+        &self.app
+    }
+
+    /// Whether `(client, sequence)` was executed already.
+    pub fn was_executed(&self, client: u64, sequence: u64) -> bool {
+        self.sessions.get(&client).is_some_and(|s| s.executed(sequence))
+    }
+
+    /// Whether `sequence` is too old for the client's window (a replay).
+    pub fn too_old(&self, client: u64, sequence: u64) -> bool {
+        self.sessions.get(&client).is_some_and(|s| sequence + SESSION_WINDOW <= s.highest)
+    }
+
+    /// Executes the next committed block. Blocks at or below the executed height are
+    /// ignored (a restarted core re-derives commits).
+    pub fn execute(&mut self, block: &CommittedBlock) -> Option<BlockOutcome> {
+        if block.height <= self.height {
+            return None;
+        }
+        let mut fresh = Vec::new();
+        let mut duplicates = 0;
+        for tx in decode_batch(&block.payload) {
+            if self.sessions.entry(tx.client).or_default().admit(tx.sequence) {
+                fresh.push(tx);
+            } else {
+                duplicates += 1;
+            }
+        }
+        let receipts = self.app.execute(block.height.0, &fresh);
+        self.height = block.height;
+        self.last_block = block.digest;
+        // The replica's digest chains the application's with the block position, so
+        // two replicas agree only if they executed the same log.
+        self.state_digest = Hasher::new()
+            .update(self.state_digest.as_bytes())
+            .update(&block.height.0.to_le_bytes())
+            .update(self.app.state_digest().as_bytes())
+            .clone()
+            .finalize();
+        Some(BlockOutcome {
+            height: block.height,
+            state_digest: self.state_digest,
+            executed: fresh.into_iter().zip(receipts).collect(),
+            duplicates,
+        })
+    }
+
+    /// Whether a snapshot is due at the current height.
+    pub fn snapshot_due(&self) -> bool {
+        self.height.0.is_multiple_of(self.snapshot_every)
+    }
+
+    pub fn snapshot(&self) -> StoredSnapshot {
+        let body = SnapshotBody { app: self.app.snapshot(), sessions: self.sessions.clone() };
+        StoredSnapshot {
+            height: self.height,
+            block: self.last_block,
+            state_digest: self.state_digest,
+            state: codec::encode(&body).unwrap_or_default(),
+        }
+    }
+
+    /// Restores the latest snapshot and replays the committed log after it, reading
+    /// blocks from `store`. Returns the executed transaction keys (to drop from the
+    /// mempool).
+    pub fn recover<R: bulwark_consensus::StoredRecord>(
+        &mut self,
+        store: &Store,
+    ) -> Result<HashSet<(u64, u64)>, StorageError> {
+        if let Some(snapshot) = store.snapshot()? {
+            let body: SnapshotBody =
+                codec::decode(&snapshot.state, codec::MAX_DECODE_BYTES).map_err(|e| {
+                    StorageError::Corrupt { cf: "snapshot", key: "latest".into(), reason: e.to_string() }
+                })?;
+            self.app.restore(&body.app).map_err(|e| StorageError::Corrupt {
+                cf: "snapshot",
+                key: "latest".into(),
+                reason: e.to_string(),
+            })?;
+            self.sessions = body.sessions;
+            self.height = snapshot.height;
+            self.last_block = snapshot.block;
+            self.state_digest = snapshot.state_digest;
+        }
+        let mut executed = HashSet::new();
+        let last = store.last_logged_height()?;
+        let mut height = self.height.next();
+        while height <= last {
+            let Some(digest) = store.log_entry(height)? else { break };
+            let record: Option<R> = store.chain_record(&digest)?;
+            let Some(payload) = record.as_ref().and_then(|r| r.payload()).cloned() else {
+                return Err(StorageError::Corrupt {
+                    cf: "chain",
+                    key: digest.to_string(),
+                    reason: format!("the committed block at height {height} is missing"),
+                });
+            };
+            let block = CommittedBlock {
+                height,
+                round: bulwark_consensus::Round(0),
+                digest,
+                proposer: bulwark_crypto::ReplicaId(0),
+                payload,
+            };
+            if let Some(outcome) = self.execute(&block) {
+                executed.extend(outcome.executed.iter().map(|(tx, _)| (tx.client, tx.sequence)));
+            }
+            height = height.next();
+        }
+        Ok(executed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_execute_each_sequence_once_within_a_window() {
+        let mut s = Session::default();
+        assert!(s.admit(5));
+        assert!(s.admit(3), "out of order within the window is fine");
+        assert!(!s.admit(5), "a retry is not executed again");
+        assert!(s.admit(5 + SESSION_WINDOW + 10));
+        assert!(!s.admit(4), "too old: refused as a replay");
+        assert!(s.executed(3) && s.executed(5 + SESSION_WINDOW + 10));
+    }
+}

@@ -1,0 +1,276 @@
+//! Starting a replica: storage, recovery, transport, client endpoint, metrics and the
+//! runtime, wired together.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use bulwark_consensus::hotstuff::{Block, Config, ExecutionClaim, HotStuff, Record, Recovery, TimeoutPolicy};
+use bulwark_crypto::{Committee, KeyPair, ReplicaId};
+use bulwark_network::{ClientEndpoint, NetworkConfig, NetworkError, ReplicaNetwork};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::app::StateMachine;
+use crate::app::kv::KvStore;
+use crate::executor::Executor;
+use crate::metrics::Metrics;
+use crate::replica::{Runtime, RuntimeConfig, RuntimeError, Status, spawn_verifier};
+use crate::storage::{StorageError, Store};
+
+/// Everything one replica needs to run.
+pub struct ReplicaSettings {
+    pub id: ReplicaId,
+    pub committee: Committee,
+    pub key: KeyPair,
+    pub data_dir: PathBuf,
+    /// `host:port` for clients.
+    pub client_address: String,
+    /// `host:port` for Prometheus scrapes, if any.
+    pub metrics_address: Option<String>,
+    pub network: NetworkConfig,
+    pub runtime: RuntimeConfig,
+    pub timeouts: TimeoutPolicy,
+    /// Take an application snapshot every this many blocks.
+    pub snapshot_every: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("replica {0} is not in the committee")]
+    NotAMember(ReplicaId),
+    #[error("the key does not match replica {0}'s committee key")]
+    WrongKey(ReplicaId),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+    #[error(transparent)]
+    Network(#[from] NetworkError),
+    #[error("metrics address {address}: {reason}")]
+    Metrics { address: String, reason: String },
+}
+
+/// A running replica.
+pub struct RunningReplica {
+    pub id: ReplicaId,
+    pub client_address: SocketAddr,
+    pub metrics_address: Option<SocketAddr>,
+    pub status: watch::Receiver<Status>,
+    pub metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<Result<(), RuntimeError>>,
+    client_endpoint: ClientEndpoint,
+    metrics_task: Option<JoinHandle<()>>,
+}
+
+impl RunningReplica {
+    /// Stops the replica cleanly: saves a snapshot, closes connections.
+    pub async fn stop(self) -> Result<(), RuntimeError> {
+        let _ = self.shutdown.send(true);
+        let result = self.task.await.unwrap_or(Ok(()));
+        self.client_endpoint.shutdown().await;
+        if let Some(task) = self.metrics_task {
+            task.abort();
+        }
+        result
+    }
+
+    /// Stops the replica as a crash would: no snapshot, no goodbye.
+    pub async fn kill(self) {
+        self.task.abort();
+        let _ = self.task.await;
+        self.client_endpoint.shutdown().await;
+        if let Some(task) = self.metrics_task {
+            task.abort();
+        }
+    }
+}
+
+/// Builds a HotStuff core from what the store holds and what was executed.
+fn recover_hotstuff<A: StateMachine>(
+    settings: &ReplicaSettings,
+    store: &Store,
+    executor: &Executor<A>,
+) -> Result<HotStuff, StorageError> {
+    let safety = match store.safety::<Record>()? {
+        Some(Record::Safety(state)) => Some(state),
+        _ => None,
+    };
+    let blocks: Vec<Block> = store
+        .all_chain_records::<Record>()?
+        .into_iter()
+        .filter_map(|r| match r {
+            Record::Block(b) if b.height > executor.height() => Some(b),
+            _ => None,
+        })
+        .collect();
+    let root = if executor.height().0 > 0 {
+        match store.chain_record::<Record>(&executor.last_block())? {
+            Some(Record::Block(b)) => Some(b),
+            _ => {
+                return Err(StorageError::Corrupt {
+                    cf: "chain",
+                    key: executor.last_block().to_string(),
+                    reason: "the last executed block is missing".into(),
+                });
+            }
+        }
+    } else {
+        None
+    };
+    let cfg = Config {
+        id: settings.id,
+        committee: settings.committee.clone(),
+        key: KeyPair::from_seed(*settings.key.secret_bytes()),
+        timeouts: settings.timeouts,
+        sync_batch: 64,
+    };
+    let recovery = Recovery {
+        safety,
+        root,
+        executed: ExecutionClaim { height: executor.height(), state_digest: executor.state_digest() },
+        blocks,
+    };
+    Ok(HotStuff::recover(cfg, recovery))
+}
+
+/// Starts a HotStuff replica running the key-value store.
+pub async fn start_replica(settings: ReplicaSettings) -> Result<RunningReplica, NodeError> {
+    let member = settings.committee.member(settings.id).ok_or(NodeError::NotAMember(settings.id))?;
+    if member.public_key != settings.key.public() {
+        return Err(NodeError::WrongKey(settings.id));
+    }
+    std::fs::create_dir_all(&settings.data_dir)
+        .map_err(|e| StorageError::Open { path: settings.data_dir.clone(), reason: e.to_string() })?;
+    let store = Store::open(&settings.data_dir, settings.committee.chain_id())?;
+    let mut executor = Executor::new(KvStore::default(), settings.snapshot_every);
+    executor.recover::<Record>(&store)?;
+    let core = recover_hotstuff(&settings, &store, &executor)?;
+    tracing::info!(replica = %settings.id, height = %executor.height(), "recovered");
+
+    let metrics = Arc::new(Metrics::default());
+    let committee = Arc::new(settings.committee.clone());
+    let (network, raw_inbound) = ReplicaNetwork::start(
+        settings.network.clone(),
+        settings.committee.clone(),
+        settings.id,
+        &settings.key,
+    )
+    .await?;
+    let inbound = spawn_verifier(raw_inbound, committee, metrics.clone());
+    let (client_endpoint, clients) =
+        ClientEndpoint::bind(settings.network.clone(), settings.id, &settings.key, &settings.client_address)
+            .await?;
+    let client_address = client_endpoint.local_addr();
+
+    let network_counters = network.counters().clone();
+    let client_counters = client_endpoint.counters().clone();
+    let (metrics_address, metrics_task) = match &settings.metrics_address {
+        Some(address) => {
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|e| NodeError::Metrics { address: address.clone(), reason: e.to_string() })?;
+            let local = listener.local_addr().ok();
+            let m = metrics.clone();
+            let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
+                Metrics::sync_counters(&m.network, "event", &network_counters.snapshot().entries());
+                let client: Vec<(&'static str, u64)> = client_counters.snapshot().entries();
+                Metrics::sync_counters(&m.refused_requests, "reason", &client);
+            });
+            (local, Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone(), refresh))))
+        }
+        None => (None, None),
+    };
+
+    let (status_tx, status) = watch::channel(Status::default());
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let runtime = Runtime::new(
+        settings.id,
+        core,
+        store,
+        network,
+        executor,
+        settings.runtime,
+        metrics.clone(),
+        status_tx,
+    );
+    let task = tokio::spawn(async move {
+        let network = runtime.run(inbound, clients, shutdown_rx).await?;
+        network.shutdown().await;
+        Ok(())
+    });
+    Ok(RunningReplica {
+        id: settings.id,
+        client_address,
+        metrics_address,
+        status,
+        metrics,
+        shutdown,
+        task,
+        client_endpoint,
+        metrics_task,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulwark_consensus::hotstuff::{Message, Proposal, QuorumCert};
+    use bulwark_consensus::{Input, Payload, Protocol, Round, Time};
+    use bulwark_crypto::Verified;
+
+    fn settings(committee: &Committee, keys: &[KeyPair], id: u16, dir: &std::path::Path) -> ReplicaSettings {
+        ReplicaSettings {
+            id: ReplicaId(id),
+            committee: committee.clone(),
+            key: KeyPair::from_seed(*keys[id as usize].secret_bytes()),
+            data_dir: dir.to_path_buf(),
+            client_address: "127.0.0.1:0".into(),
+            metrics_address: None,
+            network: NetworkConfig::default(),
+            runtime: crate::replica::RuntimeConfig::default(),
+            timeouts: TimeoutPolicy { base_ms: 1000, max_ms: 8000 },
+            snapshot_every: 10,
+        }
+    }
+
+    /// Crash between persisting the safety state and sending the vote: the store holds
+    /// the vote's safety record, the vote never left. After a restart from RocksDB the
+    /// replica must not vote for a different block in that round.
+    #[test]
+    fn a_crash_after_persisting_a_vote_never_leads_to_a_second_vote() {
+        let (committee, keys) = Committee::deterministic("crash-vote", 4, 7000).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let s = settings(&committee, &keys, 3, dir.path());
+        let genesis = Block::genesis(&committee);
+        let block = |payload: u8| Block {
+            round: Round(1),
+            height: bulwark_consensus::Height(1),
+            parent: genesis.digest(),
+            justify: QuorumCert::genesis(&committee),
+            author: ReplicaId(1),
+            executed: ExecutionClaim::default(),
+            payload: Payload(vec![payload]),
+        };
+        let proposal = |b: Block| {
+            let msg = Message::Proposal(Proposal::new(b, &keys[1], &committee, None));
+            Verified::check(msg, &committee).unwrap()
+        };
+        {
+            let store = Store::open(dir.path(), committee.chain_id()).unwrap();
+            let executor = Executor::new(KvStore::default(), 10);
+            let mut core = recover_hotstuff(&s, &store, &executor).unwrap();
+            core.handle(Time(0), Input::Start);
+            let actions =
+                core.handle(Time(1), Input::Message { from: ReplicaId(1), msg: proposal(block(1)) });
+            assert!(actions.send.iter().any(|o| matches!(o.msg, Message::Vote(_))), "it votes");
+            store.persist(&actions.persist).unwrap();
+            // Crash: the store is dropped, the vote is never sent.
+        }
+        let store = Store::open(dir.path(), committee.chain_id()).unwrap();
+        let executor = Executor::new(KvStore::default(), 10);
+        let mut core = recover_hotstuff(&s, &store, &executor).unwrap();
+        core.handle(Time(0), Input::Start);
+        let again = core.handle(Time(1), Input::Message { from: ReplicaId(1), msg: proposal(block(2)) });
+        assert!(!again.send.iter().any(|o| matches!(o.msg, Message::Vote(_))), "no second vote in round 1");
+    }
+}
