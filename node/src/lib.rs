@@ -2,6 +2,7 @@
 //! the client protocol and library, and metrics.
 
 pub mod app;
+pub mod bench;
 pub mod client;
 pub mod config;
 pub mod executor;

@@ -61,6 +61,28 @@ enum Command {
         #[arg(long, default_value = "testnet")]
         dir: PathBuf,
     },
+    /// Start a fresh local testnet, drive KV puts at a fixed rate, and report committed
+    /// tx/s and end-to-end latency (submit to f+1 matching replies).
+    Bench {
+        #[arg(long, default_value_t = 4)]
+        nodes: usize,
+        #[arg(long, default_value_t = 512)]
+        tx_size: usize,
+        /// Offered load, transactions per second.
+        #[arg(long, default_value_t = 10_000)]
+        rate: u64,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 30)]
+        duration: u64,
+        /// Pipelined clients sharing the load.
+        #[arg(long, default_value_t = 8)]
+        clients: usize,
+        #[arg(long, default_value_t = 7400)]
+        base_port: u16,
+        /// Print only the JSON report.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -149,15 +171,24 @@ fn main() -> anyhow::Result<()> {
         Command::Client { dir, config, op } => {
             client(&config.unwrap_or_else(|| dir.join("client.toml")), op)?
         }
+        Command::Bench { nodes, tx_size, rate, duration, clients, base_port, json } => {
+            bench(nodes, tx_size, rate, duration, clients, base_port, json)?
+        }
         Command::Status { dir } => print_status(&load_client_config(&dir.join("client.toml"))?.1)?,
     }
     Ok(())
 }
 
 fn init_logging() {
+    use std::io::IsTerminal as _;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).try_init();
+    let ansi = std::io::stderr().is_terminal();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -327,21 +358,7 @@ fn run_testnet(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<()> {
         );
     }
     let logs = dir.join("logs");
-    std::fs::create_dir_all(&logs)?;
-    let exe = std::env::current_exe()?;
-    let mut children: Vec<Child> = Vec::new();
-    for i in 0..nodes {
-        let log = std::fs::File::create(logs.join(format!("node{i}.log")))?;
-        let child = Process::new(&exe)
-            .arg("start")
-            .arg("--config")
-            .arg(testnet::node_config_path(dir, i))
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .with_context(|| format!("starting replica {i}"))?;
-        children.push(child);
-    }
+    let mut children = spawn_replicas(dir, nodes)?;
     println!("started {nodes} replicas of committee {:?}", committee.name());
     println!("  configs and keys: {}/node*.toml, node*.key (test keys)", dir.display());
     println!("  data:             {}/data/node*", dir.display());
@@ -370,13 +387,117 @@ fn run_testnet(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<()> {
     }
     bar.finish_and_clear();
     println!("stopping {nodes} replicas");
-    for child in &children {
-        // SIGTERM: each replica saves a snapshot and closes its connections.
+    stop_replicas(&mut children);
+    Ok(())
+}
+
+/// Starts `bulwark start` for each node config of the testnet in `dir`, logging to
+/// `dir/logs/node{i}.log`.
+fn spawn_replicas(dir: &Path, nodes: usize) -> anyhow::Result<Vec<Child>> {
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    let exe = std::env::current_exe()?;
+    let mut children = Vec::new();
+    for i in 0..nodes {
+        let log = std::fs::File::create(logs.join(format!("node{i}.log")))?;
+        let child = Process::new(&exe)
+            .arg("start")
+            .arg("--config")
+            .arg(testnet::node_config_path(dir, i))
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .with_context(|| format!("starting replica {i}"))?;
+        children.push(child);
+    }
+    Ok(children)
+}
+
+/// SIGTERM to each replica (it saves a snapshot and closes its connections), then wait.
+fn stop_replicas(children: &mut [Child]) {
+    for child in children.iter() {
         let _ = Process::new("kill").arg("-TERM").arg(child.id().to_string()).status();
     }
-    for child in &mut children {
+    for child in children.iter_mut() {
         let _ = child.wait();
     }
+}
+
+fn bench(
+    nodes: usize,
+    tx_size: usize,
+    rate: u64,
+    duration: u64,
+    clients: usize,
+    base_port: u16,
+    json: bool,
+) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    testnet::init(dir.path(), nodes, base_port, &format!("bulwark-bench-{nodes}"))?;
+    let (committee, entries) = load_client_config(&dir.path().join("client.toml"))?;
+    let endpoints: Vec<(ReplicaId, SocketAddr)> =
+        entries.iter().filter_map(|e| Some((ReplicaId(e.id), e.client_address.parse().ok()?))).collect();
+    let mut children = spawn_replicas(dir.path(), nodes)?;
+    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let result = runtime()?.block_on(async {
+        tokio::time::sleep(Duration::from_secs(2)).await; // let the replicas connect
+        let cpu_before: Vec<f64> =
+            pids.iter().map(|p| bulwark_node::bench::process_cpu_seconds(*p).unwrap_or(0.0)).collect();
+        let bar = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(duration) };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} s {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let progress = bar.clone();
+        let measured = bulwark_node::bench::run(
+            &committee,
+            &endpoints,
+            rate,
+            tx_size,
+            Duration::from_secs(duration),
+            clients,
+            move |elapsed, committed| {
+                progress.set_position(elapsed.as_secs().min(duration));
+                progress.set_message(format!("{committed} committed"));
+            },
+        )
+        .await;
+        bar.finish_and_clear();
+        let cpu: Vec<f64> = pids
+            .iter()
+            .zip(&cpu_before)
+            .map(|(p, before)| {
+                bulwark_node::bench::process_cpu_seconds(*p).map(|after| after - before).unwrap_or(0.0)
+            })
+            .collect();
+        measured.map(|m| bulwark_node::bench::report(nodes, tx_size, rate, m, cpu))
+    });
+    stop_replicas(&mut children);
+    let report = result?;
+    if !json {
+        println!(
+            "{} replicas, {} B txs, offered {} tx/s for {} s: committed {:.0} tx/s ({} of {} submitted, {} rejected)",
+            report.nodes,
+            report.tx_size,
+            report.offered_rate,
+            duration,
+            report.committed_tps,
+            report.committed,
+            report.submitted,
+            report.rejected
+        );
+        println!(
+            "latency submit -> f+1 replies: mean {:.1} ms, p50 {:.1} ms, p95 {:.1} ms, p99 {:.1} ms",
+            report.latency_ms_mean, report.latency_ms_p50, report.latency_ms_p95, report.latency_ms_p99
+        );
+        let cpu: Vec<String> = report.cpu_seconds_per_node.iter().map(|c| format!("{c:.1}")).collect();
+        println!(
+            "CPU seconds per replica: [{}]; {} µs of replica CPU per committed tx",
+            cpu.join(", "),
+            report.cpu_us_per_tx.map(|c| format!("{c:.0}")).unwrap_or("-".into())
+        );
+    }
+    println!("{}", serde_json::to_string(&report)?);
     Ok(())
 }
 

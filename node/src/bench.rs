@@ -1,0 +1,177 @@
+//! `bulwark bench`: a fixed-rate load generator against a committee, measuring committed
+//! transactions per second and end-to-end latency (submit to f+1 matching replies).
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bulwark_crypto::{Committee, ReplicaId};
+use bulwark_network::NetworkConfig;
+use serde::Serialize;
+
+use crate::app::kv::KvOp;
+use crate::client::Client;
+
+/// What one benchmark run measured.
+#[derive(Clone, Debug, Serialize)]
+pub struct BenchReport {
+    pub nodes: usize,
+    pub tx_size: usize,
+    pub offered_rate: u64,
+    pub duration_s: f64,
+    pub submitted: u64,
+    pub committed: u64,
+    pub rejected: u64,
+    pub committed_tps: f64,
+    pub latency_ms_mean: f64,
+    pub latency_ms_p50: f64,
+    pub latency_ms_p95: f64,
+    pub latency_ms_p99: f64,
+    /// CPU seconds each replica process used during the run, when known.
+    pub cpu_seconds_per_node: Vec<f64>,
+    /// CPU microseconds (all replicas together) per committed transaction.
+    pub cpu_us_per_tx: Option<f64>,
+}
+
+struct ClientLoad {
+    submitted: u64,
+    rejected: u64,
+    latencies_us: Vec<u64>,
+}
+
+/// Drives `rate` transactions/s of `tx_size`-byte KV puts for `duration` through
+/// `clients` pipelined clients; `tick` is called about once a second with
+/// (elapsed, committed so far).
+pub async fn run(
+    committee: &Committee,
+    endpoints: &[(ReplicaId, SocketAddr)],
+    rate: u64,
+    tx_size: usize,
+    duration: Duration,
+    clients: usize,
+    tick: impl Fn(Duration, u64) + Send + Sync + 'static,
+) -> anyhow::Result<(u64, u64, u64, Vec<u64>, f64)> {
+    let clients = clients.max(1);
+    let committed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    let started = Instant::now();
+    for c in 0..clients {
+        let mut client = Client::connect(committee, endpoints, None, NetworkConfig::default()).await?;
+        client.timeout = Duration::from_secs(30);
+        let per_client = rate as f64 / clients as f64;
+        let committed = committed.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut load = ClientLoad { submitted: 0, rejected: 0, latencies_us: Vec::new() };
+            let mut sent_at = std::collections::HashMap::new();
+            let mut interval = tokio::time::interval(Duration::from_millis(5));
+            let mut owed = 0.0;
+            let end = started + duration;
+            let drain_until = end + Duration::from_secs(5);
+            let mut counter = 0u64;
+            loop {
+                let now = Instant::now();
+                if now >= drain_until || (now >= end && sent_at.is_empty()) {
+                    break;
+                }
+                tokio::select! {
+                    _ = interval.tick(), if now < end => {
+                        owed += per_client * 0.005;
+                        while owed >= 1.0 {
+                            owed -= 1.0;
+                            counter += 1;
+                            let key = format!("c{c}-{counter}").into_bytes();
+                            let value = vec![(counter % 251) as u8; tx_size.saturating_sub(key.len() + 8)];
+                            let sequence = client.submit(KvOp::Put { key, value }.encode()).await;
+                            sent_at.insert(sequence, Instant::now());
+                            load.submitted += 1;
+                        }
+                    }
+                    result = client.next_certified() => match result {
+                        Ok(Ok(certified)) => {
+                            if let Some(at) = sent_at.remove(&certified.sequence) {
+                                load.latencies_us.push(at.elapsed().as_micros() as u64);
+                                committed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        Ok(Err(_)) => load.rejected += 1,
+                        Err(_) => break,
+                    },
+                }
+            }
+            load
+        }));
+    }
+    let progress = {
+        let committed = committed.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                tick(started.elapsed(), committed.load(std::sync::atomic::Ordering::Relaxed));
+            }
+        })
+    };
+    let mut submitted = 0;
+    let mut rejected = 0;
+    let mut latencies = Vec::new();
+    for task in tasks {
+        let load = task.await?;
+        submitted += load.submitted;
+        rejected += load.rejected;
+        latencies.extend(load.latencies_us);
+    }
+    progress.abort();
+    let elapsed = duration.as_secs_f64();
+    let done = latencies.len() as u64;
+    Ok((submitted, done, rejected, latencies, elapsed))
+}
+
+/// Summarizes latencies (µs) into a report.
+pub fn report(
+    nodes: usize,
+    tx_size: usize,
+    rate: u64,
+    measured: (u64, u64, u64, Vec<u64>, f64),
+    cpu_seconds_per_node: Vec<f64>,
+) -> BenchReport {
+    let (submitted, committed, rejected, mut latencies, duration_s) = measured;
+    latencies.sort_unstable();
+    let pick = |q: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 - 1.0) * q).round() as usize;
+        latencies[i] as f64 / 1000.0
+    };
+    let mean = if latencies.is_empty() {
+        0.0
+    } else {
+        latencies.iter().sum::<u64>() as f64 / latencies.len() as f64 / 1000.0
+    };
+    let cpu_total: f64 = cpu_seconds_per_node.iter().sum();
+    BenchReport {
+        nodes,
+        tx_size,
+        offered_rate: rate,
+        duration_s,
+        submitted,
+        committed,
+        rejected,
+        committed_tps: committed as f64 / duration_s,
+        latency_ms_mean: mean,
+        latency_ms_p50: pick(0.50),
+        latency_ms_p95: pick(0.95),
+        latency_ms_p99: pick(0.99),
+        cpu_us_per_tx: (committed > 0 && cpu_total > 0.0).then(|| cpu_total * 1e6 / committed as f64),
+        cpu_seconds_per_node,
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from /proc.
+pub fn process_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may contain spaces) start after ')'.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
