@@ -30,6 +30,8 @@ pub struct BenchReport {
     pub cpu_seconds_per_node: Vec<f64>,
     /// CPU microseconds (all replicas together) per committed transaction.
     pub cpu_us_per_tx: Option<f64>,
+    /// CPU seconds the load generator (this process) used.
+    pub load_generator_cpu_seconds: f64,
 }
 
 struct ClientLoad {
@@ -131,6 +133,7 @@ pub fn report(
     rate: u64,
     measured: (u64, u64, u64, Vec<u64>, f64),
     cpu_seconds_per_node: Vec<f64>,
+    load_generator_cpu_seconds: f64,
 ) -> BenchReport {
     let (submitted, committed, rejected, mut latencies, duration_s) = measured;
     latencies.sort_unstable();
@@ -162,6 +165,7 @@ pub fn report(
         latency_ms_p99: pick(0.99),
         cpu_us_per_tx: (committed > 0 && cpu_total > 0.0).then(|| cpu_total * 1e6 / committed as f64),
         cpu_seconds_per_node,
+        load_generator_cpu_seconds,
     }
 }
 

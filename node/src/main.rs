@@ -441,6 +441,7 @@ fn bench(
     let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
     let result = runtime()?.block_on(async {
         tokio::time::sleep(Duration::from_secs(2)).await; // let the replicas connect
+        let own_before = bulwark_node::bench::process_cpu_seconds(std::process::id()).unwrap_or(0.0);
         let cpu_before: Vec<f64> =
             pids.iter().map(|p| bulwark_node::bench::process_cpu_seconds(*p).unwrap_or(0.0)).collect();
         let bar = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(duration) };
@@ -470,7 +471,8 @@ fn bench(
                 bulwark_node::bench::process_cpu_seconds(*p).map(|after| after - before).unwrap_or(0.0)
             })
             .collect();
-        measured.map(|m| bulwark_node::bench::report(nodes, tx_size, rate, m, cpu))
+        let own = bulwark_node::bench::process_cpu_seconds(std::process::id()).unwrap_or(0.0) - own_before;
+        measured.map(|m| bulwark_node::bench::report(nodes, tx_size, rate, m, cpu, own))
     });
     stop_replicas(&mut children);
     let report = result?;
@@ -492,9 +494,10 @@ fn bench(
         );
         let cpu: Vec<String> = report.cpu_seconds_per_node.iter().map(|c| format!("{c:.1}")).collect();
         println!(
-            "CPU seconds per replica: [{}]; {} µs of replica CPU per committed tx",
+            "CPU seconds per replica: [{}]; {} µs of replica CPU per committed tx; load generator {:.1} CPU s",
             cpu.join(", "),
-            report.cpu_us_per_tx.map(|c| format!("{c:.0}")).unwrap_or("-".into())
+            report.cpu_us_per_tx.map(|c| format!("{c:.0}")).unwrap_or("-".into()),
+            report.load_generator_cpu_seconds
         );
     }
     println!("{}", serde_json::to_string(&report)?);

@@ -32,8 +32,10 @@ pub struct Metrics {
     pub refused_messages: Family<Labels, Counter>,
     /// Client requests refused, by reason.
     pub refused_requests: Family<Labels, Counter>,
-    /// Transport events (refused frames and connections, drops), by kind.
+    /// Replica transport events (refused frames and connections, drops), by kind.
     pub network: Family<Labels, Counter>,
+    /// Client endpoint events (refused frames and connections, dropped replies), by kind.
+    pub client_network: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -56,6 +58,7 @@ impl Default for Metrics {
             refused_messages: Family::default(),
             refused_requests: Family::default(),
             network: Family::default(),
+            client_network: Family::default(),
             registry: Registry::default(),
         };
         registry.register("height", "Highest executed height", m.height.clone());
@@ -97,7 +100,8 @@ impl Default for Metrics {
             "Client requests refused, by reason",
             m.refused_requests.clone(),
         );
-        registry.register("network", "Transport events, by kind", m.network.clone());
+        registry.register("network", "Replica transport events, by kind", m.network.clone());
+        registry.register("client_network", "Client endpoint events, by kind", m.client_network.clone());
         Metrics { registry, ..m }
     }
 }

@@ -173,8 +173,7 @@ pub async fn start_replica(settings: ReplicaSettings) -> Result<RunningReplica, 
             let m = metrics.clone();
             let refresh: Arc<dyn Fn() + Send + Sync> = Arc::new(move || {
                 Metrics::sync_counters(&m.network, "event", &network_counters.snapshot().entries());
-                let client: Vec<(&'static str, u64)> = client_counters.snapshot().entries();
-                Metrics::sync_counters(&m.refused_requests, "reason", &client);
+                Metrics::sync_counters(&m.client_network, "event", &client_counters.snapshot().entries());
             });
             (local, Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone(), refresh))))
         }

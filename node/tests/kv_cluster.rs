@@ -190,3 +190,87 @@ async fn a_restarted_replica_catches_up_to_the_same_state() {
     }
     cluster.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_client_input_gets_clear_errors_and_changes_nothing() {
+    use bulwark_network::ClientConnection;
+    use bulwark_node::wire::{MAX_OP_BYTES, Outcome, Rejection, Reply, Request, RequestKind, client_id_of};
+
+    let cluster = Cluster::start(4).await;
+    let endpoints = cluster.endpoints();
+    let connect = |key: Option<KeyPair>| {
+        let committee = cluster.committee.clone();
+        let (replica, address) = endpoints[0];
+        async move {
+            ClientConnection::<Request, Reply>::connect(
+                NetworkConfig::default(),
+                &committee,
+                replica,
+                address,
+                key.as_ref(),
+            )
+            .await
+            .expect("connect")
+        }
+    };
+
+    // Oversized operation: refused before ordering.
+    let mut raw = connect(None).await;
+    let big = Request { client: 7, sequence: 1, kind: RequestKind::Ordered, op: vec![0; MAX_OP_BYTES + 1] };
+    raw.send(&big).await.expect("send");
+    let reply = raw.recv().await.expect("reply");
+    assert_eq!(
+        reply.outcome,
+        Outcome::Rejected(Rejection::TooLarge { len: MAX_OP_BYTES + 1, limit: MAX_OP_BYTES })
+    );
+
+    // A client that presented a key cannot speak for another client id.
+    let key = KeyPair::generate();
+    let mut keyed = connect(Some(KeyPair::from_seed(*key.secret_bytes()))).await;
+    let forged = Request {
+        client: client_id_of(&key.public()) ^ 1,
+        sequence: 1,
+        kind: RequestKind::Ordered,
+        op: put(1),
+    };
+    keyed.send(&forged).await.expect("send");
+    assert!(matches!(
+        keyed.recv().await.expect("reply").outcome,
+        Outcome::Rejected(Rejection::WrongClientId { .. })
+    ));
+
+    // A malformed operation is ordered and refused identically by every replica.
+    let mut client = cluster.client().await;
+    let certified = client.execute(vec![0xde, 0xad, 0xbe, 0xef]).await.expect("f+1 replies");
+    assert!(matches!(KvResult::decode(&certified.result), Some(KvResult::Invalid(_))));
+
+    // A replayed request executes once: the replay gets the original reply.
+    let first = client.execute(put(42)).await.expect("write");
+    let executed_before = cluster.replicas[0].as_ref().expect("running").metrics.transactions_executed.get();
+    let replay =
+        Request { client: client.id(), sequence: first.sequence, kind: RequestKind::Ordered, op: put(42) };
+    raw.send(&replay).await.expect("send");
+    let reply = loop {
+        let reply = raw.recv().await.expect("reply");
+        if reply.sequence == first.sequence {
+            break reply;
+        }
+    };
+    assert_eq!(reply.height, first.height, "the replay is answered from the original execution");
+    // Later traffic commits; the replayed request is not executed again anywhere.
+    client.execute(put(43)).await.expect("write");
+    let executed_after = cluster.replicas[0].as_ref().expect("running").metrics.transactions_executed.get();
+    assert_eq!(executed_after, executed_before + 1, "only put(43) executed");
+
+    // Every replica has the same digest at the heights they share.
+    let histories: Vec<_> =
+        cluster.replicas.iter().flatten().map(|r| r.status.borrow().recent_digests.clone()).collect();
+    for other in &histories[1..] {
+        for (height, digest) in other {
+            if let Some((_, ours)) = histories[0].iter().find(|(h, _)| h == height) {
+                assert_eq!(ours, digest, "digests differ at height {height}");
+            }
+        }
+    }
+    cluster.stop().await;
+}
