@@ -51,6 +51,21 @@ impl PublicKey {
     pub(crate) fn inner(&self) -> &VerifyingKey {
         &self.0
     }
+
+    /// Batch-verifies `signatures[i]` by `keys[i]` over exactly `messages[i]`. True only
+    /// if every signature verifies (check one by one to find which did not).
+    pub fn verify_batch_raw(keys: &[PublicKey], messages: &[Vec<u8>], signatures: &[Signature]) -> bool {
+        if keys.len() != messages.len() || keys.len() != signatures.len() {
+            return false;
+        }
+        if keys.is_empty() {
+            return true;
+        }
+        let messages: Vec<&[u8]> = messages.iter().map(|m| m.as_slice()).collect();
+        let signatures: Vec<ed25519_dalek::Signature> = signatures.iter().map(|s| s.0).collect();
+        let keys: Vec<VerifyingKey> = keys.iter().map(|k| k.0).collect();
+        ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
+    }
 }
 
 impl fmt::Display for PublicKey {

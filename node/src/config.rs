@@ -8,7 +8,7 @@ use bulwark_crypto::{Committee, KeyPair, ReplicaId};
 use bulwark_network::NetworkConfig;
 use serde::{Deserialize, Serialize};
 
-use crate::node::ReplicaSettings;
+use crate::node::{AppKind, ReplicaSettings};
 use crate::replica::RuntimeConfig;
 
 /// `node.toml`. Relative paths are relative to the directory of the config file.
@@ -31,6 +31,9 @@ pub struct NodeConfig {
     /// Must be true to run with keys marked as test keys (local testnets only).
     #[serde(default)]
     pub test_keys: bool,
+    /// The replicated application: "kv" (default) or "ledger".
+    #[serde(default)]
+    pub app: AppKind,
     #[serde(default)]
     pub consensus: ConsensusSection,
     #[serde(default)]
@@ -145,6 +148,7 @@ impl NodeConfig {
                 max_ms: self.consensus.max_timeout_ms,
             },
             snapshot_every: self.runtime.snapshot_every,
+            app: self.app,
         })
     }
 }

@@ -13,6 +13,7 @@ use tokio::task::JoinHandle;
 
 use crate::app::StateMachine;
 use crate::app::kv::KvStore;
+use crate::app::ledger::Ledger;
 use crate::executor::Executor;
 use crate::metrics::Metrics;
 use crate::replica::{Runtime, RuntimeConfig, RuntimeError, Status, spawn_verifier};
@@ -33,6 +34,19 @@ pub struct ReplicaSettings {
     pub timeouts: TimeoutPolicy,
     /// Take an application snapshot every this many blocks.
     pub snapshot_every: u64,
+    /// Which application the replica runs.
+    pub app: AppKind,
+}
+
+/// The applications that ship with Bulwark.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AppKind {
+    /// Key-value store.
+    #[default]
+    Kv,
+    /// Account ledger with signed transfers.
+    Ledger,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,8 +147,22 @@ fn recover_hotstuff<A: StateMachine>(
     Ok(HotStuff::recover(cfg, recovery))
 }
 
-/// Starts a HotStuff replica running the key-value store.
+/// Starts a HotStuff replica running the application `settings.app` names.
 pub async fn start_replica(settings: ReplicaSettings) -> Result<RunningReplica, NodeError> {
+    match settings.app {
+        AppKind::Kv => start_with_app(settings, KvStore::default()).await,
+        AppKind::Ledger => {
+            let ledger = Ledger::new(settings.committee.chain_id());
+            start_with_app(settings, ledger).await
+        }
+    }
+}
+
+/// Starts a HotStuff replica running `app`.
+pub async fn start_with_app<A: StateMachine>(
+    settings: ReplicaSettings,
+    app: A,
+) -> Result<RunningReplica, NodeError> {
     let member = settings.committee.member(settings.id).ok_or(NodeError::NotAMember(settings.id))?;
     if member.public_key != settings.key.public() {
         return Err(NodeError::WrongKey(settings.id));
@@ -142,7 +170,7 @@ pub async fn start_replica(settings: ReplicaSettings) -> Result<RunningReplica, 
     std::fs::create_dir_all(&settings.data_dir)
         .map_err(|e| StorageError::Open { path: settings.data_dir.clone(), reason: e.to_string() })?;
     let store = Store::open(&settings.data_dir, settings.committee.chain_id())?;
-    let mut executor = Executor::new(KvStore::default(), settings.snapshot_every);
+    let mut executor = Executor::new(app, settings.snapshot_every);
     executor.recover::<Record>(&store)?;
     let core = recover_hotstuff(&settings, &store, &executor)?;
     tracing::info!(replica = %settings.id, height = %executor.height(), "recovered");
@@ -229,6 +257,7 @@ mod tests {
             runtime: crate::replica::RuntimeConfig::default(),
             timeouts: TimeoutPolicy { base_ms: 1000, max_ms: 8000 },
             snapshot_every: 10,
+            app: AppKind::Kv,
         }
     }
 

@@ -386,6 +386,9 @@ where
                 let _ = reply.send(&answer);
             }
             RequestKind::Ordered => {
+                if let Err(reason) = self.executor.app().admit(&request.op) {
+                    return self.reject(&reply, &request, Rejection::Malformed(reason), "invalid_operation");
+                }
                 let key = (request.client, request.sequence);
                 if let Some(done) = self.replies.get(&key) {
                     let _ = reply.send(done);

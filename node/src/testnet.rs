@@ -70,6 +70,7 @@ pub fn init(dir: &Path, n: usize, base_port: u16, name: &str) -> anyhow::Result<
             client_address: format!("127.0.0.1:{client_port}"),
             metrics_address: Some(format!("127.0.0.1:{metrics_port}")),
             test_keys: true,
+            app: Default::default(),
             consensus: ConsensusSection::default(),
             runtime: RuntimeSection::default(),
         };

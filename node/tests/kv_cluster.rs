@@ -8,10 +8,11 @@ use bulwark_crypto::{Committee, KeyPair, Member, ReplicaId};
 use bulwark_network::NetworkConfig;
 use bulwark_node::app::kv::{KvOp, KvResult};
 use bulwark_node::client::Client;
-use bulwark_node::node::{ReplicaSettings, RunningReplica, start_replica};
+use bulwark_node::node::{AppKind, ReplicaSettings, RunningReplica, start_replica};
 use bulwark_node::replica::RuntimeConfig;
 
 struct Cluster {
+    app: AppKind,
     committee: Committee,
     keys: Vec<KeyPair>,
     dirs: Vec<tempfile::TempDir>,
@@ -41,11 +42,16 @@ fn settings(c: &Cluster, i: usize) -> ReplicaSettings {
         runtime: RuntimeConfig::default(),
         timeouts: TimeoutPolicy { base_ms: 300, max_ms: 1200 },
         snapshot_every: 50,
+        app: c.app,
     }
 }
 
 impl Cluster {
     async fn start(n: usize) -> Cluster {
+        Cluster::start_app(n, AppKind::Kv).await
+    }
+
+    async fn start_app(n: usize, app: AppKind) -> Cluster {
         let keys: Vec<KeyPair> = (0..n).map(|_| KeyPair::generate()).collect();
         let members = keys
             .iter()
@@ -58,6 +64,7 @@ impl Cluster {
             .collect();
         let committee = Committee::new("kv-cluster-test", members).expect("committee");
         let mut cluster = Cluster {
+            app,
             committee,
             keys,
             dirs: (0..n).map(|_| tempfile::tempdir().expect("tempdir")).collect(),
@@ -245,8 +252,15 @@ async fn bad_client_input_gets_clear_errors_and_changes_nothing() {
     assert!(matches!(KvResult::decode(&certified.result), Some(KvResult::Invalid(_))));
 
     // A replayed request executes once: the replay gets the original reply.
+    let replica0 = cluster.replicas[0].as_ref().expect("running");
+    let caught_up = |height| async move {
+        while replica0.status.borrow().height < height {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
     let first = client.execute(put(42)).await.expect("write");
-    let executed_before = cluster.replicas[0].as_ref().expect("running").metrics.transactions_executed.get();
+    caught_up(first.height).await;
+    let executed_before = replica0.metrics.transactions_executed.get();
     let replay =
         Request { client: client.id(), sequence: first.sequence, kind: RequestKind::Ordered, op: put(42) };
     raw.send(&replay).await.expect("send");
@@ -258,11 +272,76 @@ async fn bad_client_input_gets_clear_errors_and_changes_nothing() {
     };
     assert_eq!(reply.height, first.height, "the replay is answered from the original execution");
     // Later traffic commits; the replayed request is not executed again anywhere.
-    client.execute(put(43)).await.expect("write");
-    let executed_after = cluster.replicas[0].as_ref().expect("running").metrics.transactions_executed.get();
+    let last = client.execute(put(43)).await.expect("write");
+    caught_up(last.height).await;
+    let executed_after = replica0.metrics.transactions_executed.get();
     assert_eq!(executed_after, executed_before + 1, "only put(43) executed");
 
     // Every replica has the same digest at the heights they share.
+    let histories: Vec<_> =
+        cluster.replicas.iter().flatten().map(|r| r.status.borrow().recent_digests.clone()).collect();
+    for other in &histories[1..] {
+        for (height, digest) in other {
+            if let Some((_, ours)) = histories[0].iter().find(|(h, _)| h == height) {
+                assert_eq!(ours, digest, "digests differ at height {height}");
+            }
+        }
+    }
+    cluster.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ledger_transfers_from_concurrent_clients_conserve_supply() {
+    use bulwark_node::app::ledger::{LedgerOp, LedgerResult, OPENING_BALANCE};
+    use bulwark_node::client::ClientError;
+
+    let cluster = Cluster::start_app(4, AppKind::Ledger).await;
+    let chain = cluster.committee.chain_id();
+    let owners: Vec<KeyPair> = (0..3).map(|_| KeyPair::generate()).collect();
+    let mut setup = cluster.client().await;
+    for owner in &owners {
+        let opened =
+            setup.execute(LedgerOp::Open { owner: owner.public().to_bytes() }.encode()).await.expect("open");
+        assert_eq!(
+            LedgerResult::decode(&opened.result),
+            Some(LedgerResult::Opened { balance: OPENING_BALANCE })
+        );
+    }
+    let publics: Vec<_> = owners.iter().map(|k| k.public()).collect();
+    let mut tasks = Vec::new();
+    for (i, owner) in owners.iter().enumerate() {
+        let mut client = cluster.client().await;
+        let key = KeyPair::from_seed(*owner.secret_bytes());
+        let to = publics[(i + 1) % publics.len()];
+        tasks.push(tokio::spawn(async move {
+            for nonce in 0..15u64 {
+                let op = LedgerOp::signed_transfer(&key, chain, &to, 10 + nonce, nonce);
+                let done = client.execute(op.encode()).await.expect("transfer");
+                assert!(matches!(LedgerResult::decode(&done.result), Some(LedgerResult::Transferred { .. })));
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client task");
+    }
+    // A transfer signed by the wrong key is refused before ordering, with a clear error.
+    let forged = LedgerOp::signed_transfer(&owners[1], chain, &publics[2], 1, 0);
+    let LedgerOp::Transfer { signature, .. } = forged else { unreachable!() };
+    let real = LedgerOp::signed_transfer(&owners[0], chain, &publics[2], 1, 15);
+    let LedgerOp::Transfer { transfer, .. } = real else { unreachable!() };
+    let err = setup.execute(LedgerOp::Transfer { transfer, signature }.encode()).await.unwrap_err();
+    assert!(matches!(err, ClientError::Rejected(_)), "{err}");
+    // Balances agree (f+1 matching replies) and the supply is conserved.
+    let mut total = 0u64;
+    for public in &publics {
+        let reply =
+            setup.execute(LedgerOp::Balance { owner: public.to_bytes() }.encode()).await.expect("balance");
+        let Some(LedgerResult::Balance(Some(balance))) = LedgerResult::decode(&reply.result) else {
+            panic!("no balance")
+        };
+        total += balance;
+    }
+    assert_eq!(total, 3 * OPENING_BALANCE);
     let histories: Vec<_> =
         cluster.replicas.iter().flatten().map(|r| r.status.borrow().recent_digests.clone()).collect();
     for other in &histories[1..] {

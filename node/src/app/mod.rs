@@ -1,6 +1,7 @@
 //! Replicated applications: the [`StateMachine`] trait and the two that ship.
 
 pub mod kv;
+pub mod ledger;
 
 use bulwark_crypto::Digest;
 use serde::{Deserialize, Serialize};
@@ -36,6 +37,12 @@ pub enum RestoreError {
 pub trait StateMachine: Send + 'static {
     fn execute(&mut self, height: u64, txs: &[Transaction]) -> Vec<Receipt>;
     fn query(&self, request: &[u8]) -> Result<Vec<u8>, QueryError>;
+    /// Checks an operation before it is ordered (e.g. a transfer's signature), so bad
+    /// requests get a clear error at once. Execution must still re-check whatever this
+    /// checks: a Byzantine leader can order anything.
+    fn admit(&self, _op: &[u8]) -> Result<(), String> {
+        Ok(())
+    }
     fn state_digest(&self) -> Digest;
     fn snapshot(&self) -> Vec<u8>;
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError>;
