@@ -10,9 +10,10 @@ use anyhow::{Context as _, bail};
 use bulwark_crypto::{Committee, Digest, Domain, KeyPair, QuorumSignatures, ReplicaId};
 use bulwark_network::NetworkConfig;
 use bulwark_node::app::kv::{KvOp, KvResult};
+use bulwark_node::app::ledger::{LedgerOp, LedgerResult};
 use bulwark_node::client::Client;
 use bulwark_node::config::NodeConfig;
-use bulwark_node::node::start_replica;
+use bulwark_node::node::{AppKind, start_replica};
 use bulwark_node::testnet::{self, ClientConfig};
 use clap::{Parser, Subcommand};
 
@@ -95,6 +96,9 @@ enum TestnetCommand {
         dir: PathBuf,
         #[arg(long, default_value_t = 7000)]
         base_port: u16,
+        /// The replicated application.
+        #[arg(long, value_enum, default_value = "kv")]
+        app: App,
     },
     /// Start every replica of a testnet as its own process (initializing it if needed)
     /// and show their progress until Ctrl-C.
@@ -105,7 +109,25 @@ enum TestnetCommand {
         dir: PathBuf,
         #[arg(long, default_value_t = 7000)]
         base_port: u16,
+        /// The replicated application (when the testnet is initialized here).
+        #[arg(long, value_enum, default_value = "kv")]
+        app: App,
     },
+}
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum App {
+    Kv,
+    Ledger,
+}
+
+impl From<App> for AppKind {
+    fn from(app: App) -> AppKind {
+        match app {
+            App::Kv => AppKind::Kv,
+            App::Ledger => AppKind::Ledger,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -130,6 +152,27 @@ enum ClientOp {
     Range {
         start: String,
         end: String,
+    },
+    /// Ledger: open an account for the key in KEY_FILE.
+    Open {
+        #[arg(long)]
+        key: PathBuf,
+    },
+    /// Ledger: transfer AMOUNT from the account of KEY_FILE to TO (a public key, hex).
+    Transfer {
+        #[arg(long)]
+        key: PathBuf,
+        #[arg(long)]
+        to: String,
+        #[arg(long)]
+        amount: u64,
+        /// The sender account's next nonce (0 for its first transfer).
+        #[arg(long)]
+        nonce: u64,
+    },
+    /// Ledger: the balance of OWNER (a public key, hex).
+    Balance {
+        owner: String,
     },
     /// Read KEY from one replica's committed state, without consensus.
     LocalGet {
@@ -160,12 +203,12 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Smoke => smoke()?,
-        Command::Testnet { command: TestnetCommand::Init { nodes, dir, base_port } } => {
-            testnet::init(&dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"))?;
+        Command::Testnet { command: TestnetCommand::Init { nodes, dir, base_port, app } } => {
+            testnet::init(&dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app.into())?;
             println!("testnet of {nodes} replicas written to {}", dir.display());
         }
-        Command::Testnet { command: TestnetCommand::Run { nodes, dir, base_port } } => {
-            run_testnet(&dir, nodes, base_port)?
+        Command::Testnet { command: TestnetCommand::Run { nodes, dir, base_port, app } } => {
+            run_testnet(&dir, nodes, base_port, app.into())?
         }
         Command::Start { config } => start(&config)?,
         Command::Client { dir, config, op } => {
@@ -250,6 +293,20 @@ fn client(config_path: &Path, op: ClientOp) -> anyhow::Result<()> {
             ClientOp::Range { start, end } => {
                 KvOp::Range { start: bytes(&start), end: bytes(&end), limit: 1000 }
             }
+            ClientOp::Open { key } => {
+                let owner = KeyPair::read_file(&key)?.public();
+                return ledger(&mut client, LedgerOp::Open { owner: owner.to_bytes() }).await;
+            }
+            ClientOp::Transfer { key, to, amount, nonce } => {
+                let sender = KeyPair::read_file(&key)?;
+                let to: bulwark_crypto::PublicKey = to.parse().context("--to is not a public key")?;
+                let op = LedgerOp::signed_transfer(&sender, committee.chain_id(), &to, amount, nonce);
+                return ledger(&mut client, op).await;
+            }
+            ClientOp::Balance { owner } => {
+                let owner: bulwark_crypto::PublicKey = owner.parse().context("OWNER is not a public key")?;
+                return ledger(&mut client, LedgerOp::Balance { owner: owner.to_bytes() }).await;
+            }
             ClientOp::LocalGet { key, replica } => {
                 let (height, result) =
                     client.read_local(ReplicaId(replica), KvOp::Get { key: bytes(&key) }.encode()).await?;
@@ -267,6 +324,23 @@ fn client(config_path: &Path, op: ClientOp) -> anyhow::Result<()> {
         );
         Ok(())
     })
+}
+
+async fn ledger(client: &mut Client, op: LedgerOp) -> anyhow::Result<()> {
+    let certified = client.execute(op.encode()).await?;
+    let replicas: Vec<String> = certified.replicas.iter().map(|r| r.to_string()).collect();
+    let text = match LedgerResult::decode(&certified.result) {
+        Some(LedgerResult::Opened { balance }) => format!("account open, balance {balance}"),
+        Some(LedgerResult::Transferred { from_balance }) => {
+            format!("transferred; sender balance {from_balance}")
+        }
+        Some(LedgerResult::Balance(Some(b))) => format!("balance {b}"),
+        Some(LedgerResult::Balance(None)) => "no such account".into(),
+        Some(LedgerResult::Rejected(reason)) => format!("refused: {reason}"),
+        None => "(undecodable result)".into(),
+    };
+    println!("{text} (height {}, matching replies from replicas {})", certified.height, replicas.join(", "));
+    Ok(())
 }
 
 fn show(result: &[u8]) -> String {
@@ -344,9 +418,9 @@ fn print_status(entries: &[testnet::ClientEndpointEntry]) -> anyhow::Result<()> 
     Ok(())
 }
 
-fn run_testnet(dir: &Path, nodes: usize, base_port: u16) -> anyhow::Result<()> {
+fn run_testnet(dir: &Path, nodes: usize, base_port: u16, app: AppKind) -> anyhow::Result<()> {
     if !dir.join("committee.toml").exists() {
-        testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"))?;
+        testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app)?;
         println!("initialized a {nodes}-replica testnet in {}", dir.display());
     }
     let (committee, entries) = load_client_config(&dir.join("client.toml"))?;
@@ -433,7 +507,7 @@ fn bench(
     json: bool,
 ) -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
-    testnet::init(dir.path(), nodes, base_port, &format!("bulwark-bench-{nodes}"))?;
+    testnet::init(dir.path(), nodes, base_port, &format!("bulwark-bench-{nodes}"), AppKind::Kv)?;
     let (committee, entries) = load_client_config(&dir.path().join("client.toml"))?;
     let endpoints: Vec<(ReplicaId, SocketAddr)> =
         entries.iter().filter_map(|e| Some((ReplicaId(e.id), e.client_address.parse().ok()?))).collect();

@@ -7,6 +7,7 @@ use bulwark_crypto::{Committee, KeyPair, Member, ReplicaId};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConsensusSection, NodeConfig, RuntimeSection};
+use crate::node::AppKind;
 
 /// Where a client finds the replicas: `client.toml`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -39,7 +40,7 @@ pub fn node_config_path(dir: &Path, i: usize) -> PathBuf {
 
 /// Writes a testnet of `n` replicas into `dir` (which must not hold one yet): test keys
 /// (marked), `committee.toml`, `node{i}.toml` and `client.toml`.
-pub fn init(dir: &Path, n: usize, base_port: u16, name: &str) -> anyhow::Result<()> {
+pub fn init(dir: &Path, n: usize, base_port: u16, name: &str, app: AppKind) -> anyhow::Result<()> {
     anyhow::ensure!(n >= 4, "a committee needs at least 4 replicas");
     anyhow::ensure!(!dir.join("committee.toml").exists(), "{} already holds a testnet", dir.display());
     std::fs::create_dir_all(dir)?;
@@ -70,7 +71,7 @@ pub fn init(dir: &Path, n: usize, base_port: u16, name: &str) -> anyhow::Result<
             client_address: format!("127.0.0.1:{client_port}"),
             metrics_address: Some(format!("127.0.0.1:{metrics_port}")),
             test_keys: true,
-            app: Default::default(),
+            app,
             consensus: ConsensusSection::default(),
             runtime: RuntimeSection::default(),
         };
