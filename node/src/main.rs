@@ -89,30 +89,24 @@ enum Command {
 #[derive(Subcommand)]
 enum TestnetCommand {
     /// Write keys (marked as test keys), committee.toml and one config per node.
-    Init {
-        #[arg(long, default_value_t = 4)]
-        nodes: usize,
-        #[arg(long, default_value = "testnet")]
-        dir: PathBuf,
-        #[arg(long, default_value_t = 7000)]
-        base_port: u16,
-        /// The replicated application.
-        #[arg(long, value_enum, default_value = "kv")]
-        app: App,
-    },
+    Init(TestnetArgs),
     /// Start every replica of a testnet as its own process (initializing it if needed)
     /// and show their progress until Ctrl-C.
-    Run {
-        #[arg(long, default_value_t = 4)]
-        nodes: usize,
-        #[arg(long, default_value = "testnet")]
-        dir: PathBuf,
-        #[arg(long, default_value_t = 7000)]
-        base_port: u16,
-        /// The replicated application (when the testnet is initialized here).
-        #[arg(long, value_enum, default_value = "kv")]
-        app: App,
-    },
+    Run(TestnetArgs),
+}
+
+#[derive(clap::Args)]
+struct TestnetArgs {
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    #[arg(long, default_value = "testnet")]
+    dir: PathBuf,
+    /// Replicas listen on base+i, clients on base+100+i, metrics on base+200+i.
+    #[arg(long, default_value_t = 7000)]
+    base_port: u16,
+    /// The replicated application (used when the testnet is initialized).
+    #[arg(long, value_enum, default_value = "kv")]
+    app: App,
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -203,11 +197,11 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Smoke => smoke()?,
-        Command::Testnet { command: TestnetCommand::Init { nodes, dir, base_port, app } } => {
+        Command::Testnet { command: TestnetCommand::Init(TestnetArgs { nodes, dir, base_port, app }) } => {
             testnet::init(&dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app.into())?;
             println!("testnet of {nodes} replicas written to {}", dir.display());
         }
-        Command::Testnet { command: TestnetCommand::Run { nodes, dir, base_port, app } } => {
+        Command::Testnet { command: TestnetCommand::Run(TestnetArgs { nodes, dir, base_port, app }) } => {
             run_testnet(&dir, nodes, base_port, app.into())?
         }
         Command::Start { config } => start(&config)?,

@@ -94,6 +94,20 @@ impl Cluster {
         client
     }
 
+    /// Every running replica has the same state digest at the heights they all recently
+    /// executed.
+    fn assert_same_digests(&self) {
+        let histories: Vec<_> =
+            self.replicas.iter().flatten().map(|r| r.status.borrow().recent_digests.clone()).collect();
+        for other in &histories[1..] {
+            for (height, digest) in other {
+                if let Some((_, ours)) = histories[0].iter().find(|(h, _)| h == height) {
+                    assert_eq!(ours, digest, "digests differ at height {height}");
+                }
+            }
+        }
+    }
+
     async fn stop(self) {
         for replica in self.replicas.into_iter().flatten() {
             let _ = replica.stop().await;
@@ -278,15 +292,7 @@ async fn bad_client_input_gets_clear_errors_and_changes_nothing() {
     assert_eq!(executed_after, executed_before + 1, "only put(43) executed");
 
     // Every replica has the same digest at the heights they share.
-    let histories: Vec<_> =
-        cluster.replicas.iter().flatten().map(|r| r.status.borrow().recent_digests.clone()).collect();
-    for other in &histories[1..] {
-        for (height, digest) in other {
-            if let Some((_, ours)) = histories[0].iter().find(|(h, _)| h == height) {
-                assert_eq!(ours, digest, "digests differ at height {height}");
-            }
-        }
-    }
+    cluster.assert_same_digests();
     cluster.stop().await;
 }
 
@@ -342,14 +348,6 @@ async fn ledger_transfers_from_concurrent_clients_conserve_supply() {
         total += balance;
     }
     assert_eq!(total, 3 * OPENING_BALANCE);
-    let histories: Vec<_> =
-        cluster.replicas.iter().flatten().map(|r| r.status.borrow().recent_digests.clone()).collect();
-    for other in &histories[1..] {
-        for (height, digest) in other {
-            if let Some((_, ours)) = histories[0].iter().find(|(h, _)| h == height) {
-                assert_eq!(ours, digest, "digests differ at height {height}");
-            }
-        }
-    }
+    cluster.assert_same_digests();
     cluster.stop().await;
 }
