@@ -4,6 +4,7 @@
 use std::collections::{HashSet, VecDeque};
 
 use crate::app::Transaction;
+use crate::wire::TX_ENVELOPE_BYTES;
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {
@@ -38,18 +39,19 @@ impl Mempool {
         Admission::Accepted
     }
 
-    /// Up to `max_txs` / `max_bytes` of the oldest transactions not in `exclude`
-    /// (what the chain being extended already orders). They stay pending until
-    /// committed, so a proposal that is abandoned loses nothing.
+    /// Up to `max_txs` of the oldest transactions not in `exclude` (what the chain
+    /// being extended already orders) whose encoding fits in `max_bytes`. They stay
+    /// pending until committed, so a proposal that is abandoned loses nothing.
     pub fn batch(&self, exclude: &HashSet<(u64, u64)>, max_txs: usize, max_bytes: usize) -> Vec<Transaction> {
         let mut out = Vec::new();
         let mut bytes = 0;
         for tx in &self.queue {
-            if out.len() >= max_txs || bytes + tx.op.len() > max_bytes {
+            let size = tx.op.len() + TX_ENVELOPE_BYTES;
+            if out.len() >= max_txs || bytes + size > max_bytes {
                 break;
             }
             if !exclude.contains(&(tx.client, tx.sequence)) {
-                bytes += tx.op.len();
+                bytes += size;
                 out.push(tx.clone());
             }
         }
@@ -110,5 +112,17 @@ mod tests {
         assert_eq!(batch.iter().map(|t| t.client).collect::<Vec<_>>(), vec![1, 3]);
         m.remove_executed(&HashSet::from([(1, 1), (2, 1)]));
         assert_eq!((m.len(), m.bytes()), (1, 10));
+    }
+
+    #[test]
+    fn a_full_batch_always_fits_in_a_block() {
+        let mut m = Mempool::new(100_000, 1 << 30);
+        for i in 0..5_000 {
+            m.add(Transaction { client: u64::MAX - i, sequence: u64::MAX - i, op: vec![7; 512] });
+        }
+        let batch = m.batch(&HashSet::new(), 100_000, crate::wire::MAX_BATCH_BYTES);
+        assert!(batch.len() > 1_000);
+        let payload = crate::wire::encode_batch(&batch);
+        assert!(payload.0.len() <= bulwark_consensus::hotstuff::MAX_PAYLOAD_BYTES, "{}", payload.0.len());
     }
 }

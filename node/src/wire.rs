@@ -9,8 +9,11 @@ use crate::app::Transaction;
 
 /// Largest operation a client may submit.
 pub const MAX_OP_BYTES: usize = 128 << 10;
-/// Largest block payload the mempool builds.
-pub const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Largest block payload the mempool builds: what the consensus core accepts, less room
+/// for the encoding of each transaction's envelope (see [`TX_ENVELOPE_BYTES`]).
+pub const MAX_BATCH_BYTES: usize = bulwark_consensus::hotstuff::MAX_PAYLOAD_BYTES - 4096;
+/// An upper bound on what encoding adds to each transaction's operation bytes.
+pub const TX_ENVELOPE_BYTES: usize = 32;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RequestKind {
