@@ -278,10 +278,13 @@ impl HotStuff {
         {
             return;
         }
-        if payload.0.len() > MAX_PAYLOAD_BYTES {
+        let payload = if payload.0.len() > MAX_PAYLOAD_BYTES {
+            // A host bug must not cost the round: propose an empty block instead.
             self.out.events.push(Event::Refused { from: self.cfg.id, reason: "payload too large" });
-            return;
-        }
+            Payload::default()
+        } else {
+            payload
+        };
         let parent = self.safety.high_qc().block();
         if !self.tree.contains(&parent) {
             // The payload was chosen without that chain: ask again once it arrives.
@@ -335,7 +338,11 @@ impl HotStuff {
                 return self.refuse(from, "equivocating proposal");
             }
             Some(_) => {}
-            None if block.round.0 + ROUND_WINDOW >= self.round().0 => {
+            // Only a window of rounds around ours: proposals for far-future rounds
+            // would otherwise pile up unpruned (and the sum overflow near u64::MAX).
+            None if block.round.0.saturating_add(ROUND_WINDOW) >= self.round().0
+                && block.round.0 <= self.round().0.saturating_add(ROUND_WINDOW) =>
+            {
                 self.seen_proposals.insert(key, proposal.clone());
             }
             None => {}

@@ -433,3 +433,18 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_oversized_payload_still_yields_a_proposal() {
+    let fx = Fixture::new(4);
+    let mut core = HotStuff::new(fx.config(1));
+    let start = core.handle(Time(0), Input::Start);
+    let request = start.want_payload.expect("replica 1 leads round 1");
+    let too_big = Payload(vec![0; MAX_PAYLOAD_BYTES + 1]);
+    let actions = core.handle(Time(1), Input::Payload { round: request.round, payload: too_big });
+    let proposed = actions.send.iter().find_map(|o| match &o.msg {
+        Message::Proposal(p) => Some(p.block.payload.clone()),
+        _ => None,
+    });
+    assert_eq!(proposed, Some(Payload::default()), "an empty block keeps the round alive");
+}
