@@ -5,6 +5,7 @@
 //! the simulator exact and every failure replayable from a seed.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::panic))]
 
+pub mod byzantine;
 pub mod hotstuff;
 pub mod protocol;
 

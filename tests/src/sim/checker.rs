@@ -127,6 +127,18 @@ impl Checker {
         self.log.values().filter(|(_, _, t)| *t >= gst).count()
     }
 
+    /// The longest any committed transaction took after max(submit, `gst`), in ms.
+    pub fn worst_latency(&self, gst: Time) -> u64 {
+        self.committed_tx
+            .iter()
+            .filter_map(|(tx, (_, committed))| {
+                let since = (*self.submitted.get(tx)?).max(gst);
+                Some(committed.0.saturating_sub(since.0))
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The first transaction that missed its liveness deadline at `now`.
     pub fn overdue(&self, now: Time, gst: Time, bound_ms: u64) -> Option<(u64, Time)> {
         self.submitted

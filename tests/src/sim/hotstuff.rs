@@ -1,11 +1,17 @@
-//! Runs the HotStuff core in the simulator.
+//! Runs the HotStuff core in the simulator, honest or wrapped in Byzantine behaviours.
 
-use bulwark_consensus::hotstuff::{Block, Config, HotStuff, Record, Recovery, TimeoutPolicy};
-use bulwark_consensus::{Height, Protocol as _};
+use bulwark_consensus::byzantine::{Byzantine, Forger};
+use bulwark_consensus::hotstuff::{
+    Block, Config, ExecutionClaim, HotStuff, LeaderElection, Message, Record, Recovery, RoundRobin,
+    TimeoutPolicy,
+};
+use bulwark_consensus::{Height, Protocol, Round};
 use bulwark_crypto::{Committee, KeyPair, ReplicaId};
 
-use super::{App, Harness};
-use bulwark_consensus::hotstuff::ExecutionClaim;
+use super::{App, Harness, ReplicaSetup};
+
+/// A HotStuff replica as the simulator holds it: honest, or a Byzantine wrapper.
+pub type Replica = Box<dyn Protocol<Message = Message, Record = Record>>;
 
 /// Builds HotStuff replicas with deterministic test keys.
 pub struct HotStuffHarness {
@@ -20,21 +26,51 @@ impl HotStuffHarness {
             Committee::deterministic("bulwark-sim", nodes, 7000).unwrap_or_else(|e| panic!("committee: {e}"));
         HotStuffHarness { committee, keys, timeouts: TimeoutPolicy { base_ms: 500, max_ms: 8_000 } }
     }
+
+    fn key(&self, id: ReplicaId) -> KeyPair {
+        let position = self.committee.position(id).unwrap_or_default();
+        KeyPair::from_seed(*self.keys[position].secret_bytes())
+    }
+}
+
+/// Leaders chosen by a Twins scenario for the first rounds, round-robin after.
+#[derive(Debug)]
+pub struct ScenarioLeaders {
+    /// Leaders of rounds 1..=len.
+    first: Vec<ReplicaId>,
+    then: RoundRobin,
+}
+
+impl ScenarioLeaders {
+    pub fn new(committee: &Committee, first: &[usize]) -> ScenarioLeaders {
+        let ids: Vec<ReplicaId> = committee.ids().collect();
+        let first = first.iter().map(|&p| ids[p % ids.len()]).collect();
+        ScenarioLeaders { first, then: RoundRobin::new(committee) }
+    }
+}
+
+impl LeaderElection for ScenarioLeaders {
+    fn leader(&self, round: Round) -> ReplicaId {
+        match round.0.checked_sub(1).and_then(|i| self.first.get(i as usize)) {
+            Some(leader) => *leader,
+            None => self.then.leader(round),
+        }
+    }
 }
 
 impl Harness for HotStuffHarness {
-    type P = HotStuff;
+    type P = Replica;
 
     fn committee(&self) -> &Committee {
         &self.committee
     }
 
-    fn replica(&self, id: ReplicaId, disk: &[Record], app: &App) -> HotStuff {
-        let position = self.committee.position(id).unwrap_or_default();
+    fn replica(&self, setup: &ReplicaSetup<'_>, disk: &[Record], app: &App) -> Replica {
+        let id = setup.id;
         let cfg = Config {
             id,
             committee: self.committee.clone(),
-            key: KeyPair::from_seed(*self.keys[position].secret_bytes()),
+            key: self.key(id),
             timeouts: self.timeouts,
             sync_batch: 32,
         };
@@ -51,8 +87,23 @@ impl Harness for HotStuffHarness {
         if app.height > Height(0) {
             recovery.root = recovery.blocks.iter().find(|b: &&Block| b.digest() == app.last_block).cloned();
         }
-        let core = HotStuff::recover(cfg, recovery);
+        let core = if setup.leaders.is_empty() {
+            HotStuff::recover(cfg, recovery)
+        } else {
+            let leaders = Box::new(ScenarioLeaders::new(&self.committee, setup.leaders));
+            HotStuff::with_leader_election(cfg, recovery, leaders)
+        };
         debug_assert_eq!(core.id(), id);
-        core
+        match setup.byzantine {
+            None => Box::new(core),
+            Some(behaviours) => {
+                let forger = Forger::new(id, self.key(id), self.committee.clone(), setup.seed);
+                Box::new(Byzantine::new(core, behaviours.clone(), forger))
+            }
+        }
+    }
+
+    fn message_round(&self, msg: &Message) -> Option<Round> {
+        msg.round()
     }
 }

@@ -6,115 +6,56 @@
 
 mod app;
 mod checker;
+mod config;
 mod hotstuff;
 mod network;
+mod runner;
+mod twins;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
+use bulwark_consensus::byzantine::Behaviours;
 use bulwark_consensus::{
-    Actions, Input, LoadRequest, Outgoing, PayloadRequest, Protocol, Recipient, StoredRecord, Time,
-    WireMessage,
+    Actions, Evidence, Input, LoadRequest, Outgoing, PayloadRequest, Protocol, Recipient, Round,
+    StoredRecord, Time, WireMessage,
 };
 use bulwark_crypto::{Committee, Digest, Hasher, ReplicaId, Verified, codec};
-use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 pub use app::{App, MAX_TXS_PER_BLOCK, Mempool, decode_payload, encode_payload};
 pub use checker::{Checker, Violation};
-pub use hotstuff::HotStuffHarness;
+pub use config::{ClientModel, Profile, SimConfig};
+pub use hotstuff::{HotStuffHarness, ScenarioLeaders};
 pub use network::{NetworkModel, Partition};
+pub use runner::{Faults, RunSpec, Sweep, run_hotstuff, run_hotstuff_seed, sweep};
+pub use twins::{TwinsRound, TwinsScenario};
 
 /// Builds replicas of one protocol for the simulator.
 pub trait Harness {
     type P: Protocol;
     fn committee(&self) -> &Committee;
     /// A replica started fresh (empty `disk`) or restarted from what it persisted and
-    /// what its application executed.
-    fn replica(&self, id: ReplicaId, disk: &[<Self::P as Protocol>::Record], app: &App) -> Self::P;
+    /// what its application executed, honest or running `setup.byzantine`.
+    fn replica(&self, setup: &ReplicaSetup<'_>, disk: &[<Self::P as Protocol>::Record], app: &App)
+    -> Self::P;
+    /// The round a message speaks about (Twins partitions messages by round).
+    fn message_round(&self, msg: &<Self::P as Protocol>::Message) -> Option<Round>;
 }
 
-/// Every knob of one simulation, all drawn from the seed.
-#[derive(Clone, Debug)]
-pub struct SimConfig {
+/// Who a simulated replica instance is and how it behaves.
+#[derive(Clone, Copy, Debug)]
+pub struct ReplicaSetup<'a> {
+    pub id: ReplicaId,
+    /// Its behaviours when it is Byzantine.
+    pub byzantine: Option<&'a Behaviours>,
+    /// Leaders (by position) of rounds 1..=len chosen by a Twins scenario; empty for
+    /// the protocol's own leader election.
+    pub leaders: &'a [usize],
+    /// Drives every choice a Byzantine wrapper makes.
     pub seed: u64,
-    pub nodes: usize,
-    pub network: NetworkModel,
-    pub transactions: usize,
-    /// Clients submit until this time; they resubmit what has not committed.
-    pub submit_until: Time,
-    pub client_retry_ms: u64,
-    /// (replica, crash time, restart time); at most f replicas, all before GST.
-    pub crashes: Vec<(usize, Time, Time)>,
-    /// Crash and restart every replica at once: (crash time, restart time).
-    pub whole_committee_restart: Option<(Time, Time)>,
-    /// After GST, each transaction commits within this many ms of max(submit, GST).
-    pub liveness_bound_ms: u64,
-    /// Blocks that must be committed after GST for the run to end well.
-    pub min_blocks_after_gst: usize,
-    pub max_time: Time,
-}
-
-impl SimConfig {
-    /// The scenario of `seed` for `nodes` replicas.
-    pub fn from_seed(nodes: usize, seed: u64) -> SimConfig {
-        let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_f0b0_10a4);
-        let f = (nodes - 1) / 3;
-        let gst = Time(rng.gen_range(2_000..12_000));
-        let mut partitions = Vec::new();
-        for _ in 0..rng.gen_range(0..3) {
-            let start = rng.gen_range(0..gst.0);
-            let end = (start + rng.gen_range(500..4_000)).min(gst.0);
-            let side = (0..nodes).map(|_| rng.gen_bool(0.5)).collect();
-            partitions.push(Partition { start: Time(start), end: Time(end), side });
-        }
-        let network = NetworkModel {
-            gst,
-            pre_gst_max_delay: rng.gen_range(5..400),
-            post_gst_max_delay: rng.gen_range(2..60),
-            drop_rate: [0.0, 0.01, 0.05, 0.2][rng.gen_range(0..4)],
-            duplicate_rate: [0.0, 0.02, 0.1][rng.gen_range(0..3)],
-            partitions,
-        };
-        let mut ids: Vec<usize> = (0..nodes).collect();
-        ids.shuffle(&mut rng);
-        let crashes = ids
-            .into_iter()
-            .take(rng.gen_range(0..=f))
-            .map(|id| {
-                let at = rng.gen_range(0..gst.0);
-                let back = (at + rng.gen_range(100..5_000)).min(gst.0);
-                (id, Time(at), Time(back))
-            })
-            .collect();
-        let whole_committee_restart = rng.gen_bool(0.15).then(|| {
-            let at = rng.gen_range(200..gst.0);
-            (Time(at), Time((at + rng.gen_range(50..2_000)).min(gst.0 + 500)))
-        });
-        SimConfig {
-            seed,
-            nodes,
-            network,
-            transactions: rng.gen_range(50..200),
-            submit_until: gst.plus_millis(5_000),
-            client_retry_ms: 3_000,
-            crashes,
-            whole_committee_restart,
-            liveness_bound_ms: 60_000,
-            min_blocks_after_gst: 50,
-            max_time: gst.plus_millis(120_000),
-        }
-    }
-
-    /// The one command that replays this scenario.
-    pub fn replay_command(&self) -> String {
-        format!(
-            "cargo run --release -p bulwark-tests --bin sim -- --nodes {} --seed {}",
-            self.nodes, self.seed
-        )
-    }
 }
 
 /// What a successful run did.
@@ -132,9 +73,19 @@ pub struct SimReport {
     pub verify_failures: u64,
     /// The first few reasons messages failed verification.
     pub verify_errors: Vec<String>,
+    /// Verification failures of messages honest replicas sent (must stay 0).
+    pub honest_verify_failures: u64,
+    /// Evidence honest replicas recorded: (observer position, evidence), the first
+    /// [`EVIDENCE_KEPT`]; `evidence` counts all of it.
+    pub evidence_log: Vec<(usize, Evidence)>,
+    /// The longest a transaction took to commit after max(submit, GST), in ms.
+    pub worst_latency_ms: u64,
     /// A hash of every event in order: equal for equal seeds.
     pub trace_digest: Digest,
 }
+
+/// Evidence entries a report keeps.
+pub const EVIDENCE_KEPT: usize = 256;
 
 /// A failed run: what, where, the last events and how to replay it.
 #[derive(Clone, Debug)]
@@ -226,13 +177,18 @@ pub struct Simulation<H: Harness> {
     seq: u64,
     queue: BTreeMap<(Time, u64), Event<<H::P as Protocol>::Message>>,
     nodes: Vec<Node<H::P>>,
+    /// The replica id of each instance (twins share one).
     ids: Vec<ReplicaId>,
+    /// Scenario leaders of the first rounds, by position (Twins).
+    leaders: Vec<usize>,
     checker: Checker,
     /// Transactions, when first submitted.
     trace: VecDeque<TraceEntry>,
     trace_hash: Hasher,
     next_liveness_check: Time,
     verify_cache: HashMap<Digest, bool>,
+    /// Rotating clients: where each transaction goes next.
+    client_next: HashMap<u64, usize>,
     report: SimReport,
     /// When set, checks integrity on every ordered transaction, not only fresh ones:
     /// honest leaders never re-propose what their ancestors carry.
@@ -241,8 +197,14 @@ pub struct Simulation<H: Harness> {
 
 impl<H: Harness> Simulation<H> {
     pub fn new(harness: H, cfg: SimConfig) -> Self {
-        let ids: Vec<ReplicaId> = harness.committee().ids().collect();
-        let nodes = (0..cfg.nodes)
+        let members: Vec<ReplicaId> = harness.committee().ids().collect();
+        let instances = cfg.twins.as_ref().map_or(cfg.nodes, |t| t.instances(cfg.nodes));
+        let member_of = |i: usize| cfg.twins.as_ref().map_or(i, |t| t.member_of(cfg.nodes, i));
+        let ids: Vec<ReplicaId> = (0..instances).map(|i| members[member_of(i)]).collect();
+        let faulty = cfg.faulty();
+        let honest = (0..instances).filter(|i| !faulty.contains(&member_of(*i))).collect();
+        let leaders = cfg.twins.as_ref().map(|t| t.leaders()).unwrap_or_default();
+        let nodes = (0..instances)
             .map(|_| Node {
                 core: None,
                 disk: Vec::new(),
@@ -253,7 +215,10 @@ impl<H: Harness> Simulation<H> {
                 crash_at_next_persist: false,
             })
             .collect();
-        let checker = Checker { honest: (0..cfg.nodes).collect(), ..Checker::default() };
+        let checker = Checker { honest, ..Checker::default() };
+        // Byzantine leaders may order again what their ancestors carry: then only what
+        // is actually executed twice is an integrity violation.
+        let strict_integrity = cfg.byzantine.is_empty() && cfg.twins.is_none();
         Simulation {
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             harness,
@@ -262,13 +227,15 @@ impl<H: Harness> Simulation<H> {
             queue: BTreeMap::new(),
             nodes,
             ids,
+            leaders,
             checker,
             trace: VecDeque::new(),
             trace_hash: Hasher::new(),
             next_liveness_check: Time(0),
             verify_cache: HashMap::new(),
+            client_next: HashMap::new(),
             report: SimReport { seed: cfg.seed, ..SimReport::default() },
-            strict_integrity: true,
+            strict_integrity,
             cfg,
         }
     }
@@ -349,6 +316,7 @@ impl<H: Harness> Simulation<H> {
         self.report.blocks_committed = self.checker.log.len();
         self.report.blocks_after_gst = self.checker.blocks_after(self.cfg.network.gst);
         self.report.transactions = self.checker.committed_tx.len();
+        self.report.worst_latency_ms = self.checker.worst_latency(self.cfg.network.gst);
         self.report.simulated_ms = self.now.0;
         self.report.trace_digest = self.trace_hash.clone().finalize();
         Ok(self.report)
@@ -361,7 +329,7 @@ impl<H: Harness> Simulation<H> {
     }
 
     fn setup(&mut self) {
-        for node in 0..self.cfg.nodes {
+        for node in 0..self.nodes.len() {
             self.schedule(Time(0), Event::Restart { node });
         }
         for tx in 0..self.cfg.transactions as u64 {
@@ -375,7 +343,7 @@ impl<H: Harness> Simulation<H> {
             self.schedule(up.max(down.plus_millis(201)), Event::Restart { node });
         }
         if let Some((down, up)) = self.cfg.whole_committee_restart {
-            for node in 0..self.cfg.nodes {
+            for node in 0..self.nodes.len() {
                 // Crash right after the next persist (a vote durable but not sent), or
                 // 200 ms later at the latest.
                 self.schedule(down, Event::ArmCrash { node });
@@ -399,7 +367,7 @@ impl<H: Harness> Simulation<H> {
                 let msg = match decoded {
                     Ok(msg) => msg,
                     Err(e) => {
-                        self.report.verify_failures += 1;
+                        self.count_verify_failure(from);
                         if self.report.verify_errors.len() < 8 {
                             self.report.verify_errors.push(format!("decode: {e}"));
                         }
@@ -422,7 +390,7 @@ impl<H: Harness> Simulation<H> {
                 };
                 self.verify_cache.insert(digest, verified.is_some());
                 let Some(msg) = verified else {
-                    self.report.verify_failures += 1;
+                    self.count_verify_failure(from);
                     return Ok(());
                 };
                 self.report.messages_delivered += 1;
@@ -447,11 +415,24 @@ impl<H: Harness> Simulation<H> {
                     return Ok(());
                 }
                 self.checker.submitted.entry(tx).or_insert(self.now);
-                let node = self.rng.gen_range(0..self.cfg.nodes);
-                if self.nodes[node].core.is_some() && !self.nodes[node].app.executed.contains(&tx) {
-                    self.nodes[node].mempool.add(tx);
+                let targets: Vec<usize> = match self.cfg.clients {
+                    config::ClientModel::RandomReplica => vec![self.rng.gen_range(0..self.nodes.len())],
+                    config::ClientModel::Rotating { fanout } => {
+                        let instances = self.nodes.len();
+                        let start = match self.client_next.get(&tx) {
+                            Some(next) => *next,
+                            None => self.rng.gen_range(0..instances),
+                        };
+                        self.client_next.insert(tx, (start + fanout) % instances);
+                        (0..fanout.min(instances)).map(|i| (start + i) % instances).collect()
+                    }
+                };
+                for &node in &targets {
+                    if self.nodes[node].core.is_some() && !self.nodes[node].app.executed.contains(&tx) {
+                        self.nodes[node].mempool.add(tx);
+                    }
                 }
-                self.note(format!("t={} submit tx {tx} to {node}", self.now.0));
+                self.note(format!("t={} submit tx {tx} to {targets:?}", self.now.0));
                 let retry = self.now.plus_millis(self.cfg.client_retry_ms);
                 self.schedule(retry, Event::Submit { tx });
                 Ok(())
@@ -468,12 +449,25 @@ impl<H: Harness> Simulation<H> {
                 if self.nodes[node].core.is_some() {
                     return Ok(());
                 }
-                let id = self.ids[node];
-                let core = self.harness.replica(id, &self.nodes[node].disk, &self.nodes[node].app);
+                let member = self.harness.committee().position(self.ids[node]).unwrap_or(node);
+                let setup = ReplicaSetup {
+                    id: self.ids[node],
+                    byzantine: self.cfg.byzantine.iter().find(|(b, _)| *b == member).map(|(_, b)| b),
+                    leaders: &self.leaders,
+                    seed: self.cfg.seed ^ ((node as u64) << 32),
+                };
+                let core = self.harness.replica(&setup, &self.nodes[node].disk, &self.nodes[node].app);
                 self.nodes[node].core = Some(core);
                 self.note(format!("t={} start {node} at height {}", self.now.0, self.nodes[node].app.height));
                 self.step(node, Input::Start)
             }
+        }
+    }
+
+    fn count_verify_failure(&mut self, from: usize) {
+        self.report.verify_failures += 1;
+        if self.checker.honest.contains(&from) {
+            self.report.honest_verify_failures += 1;
         }
     }
 
@@ -579,7 +573,14 @@ impl<H: Harness> Simulation<H> {
             let records = self.load(node, request);
             inputs.push_back(Input::Loaded { request, records });
         }
-        self.report.evidence += actions.evidence.len();
+        if self.checker.honest.contains(&node) {
+            self.report.evidence += actions.evidence.len();
+            for evidence in actions.evidence {
+                if self.report.evidence_log.len() < EVIDENCE_KEPT {
+                    self.report.evidence_log.push((node, evidence));
+                }
+            }
+        }
         self.report.digest_mismatches += actions
             .events
             .iter()
@@ -592,11 +593,18 @@ impl<H: Harness> Simulation<H> {
         let Ok(bytes) = codec::encode(msg) else { return };
         let digest = Digest::of(&bytes);
         let bytes = std::sync::Arc::new(bytes);
+        let sender = self.ids[node];
         let targets: Vec<usize> = match to {
-            Recipient::One(id) => self.ids.iter().position(|i| *i == id).into_iter().collect(),
-            Recipient::AllOthers => (0..self.cfg.nodes).filter(|&n| n != node).collect(),
+            Recipient::One(id) => (0..self.nodes.len()).filter(|&n| self.ids[n] == id).collect(),
+            Recipient::AllOthers => (0..self.nodes.len()).filter(|&n| self.ids[n] != sender).collect(),
         };
+        let round = if self.cfg.twins.is_some() { self.harness.message_round(msg) } else { None };
         for target in targets {
+            if let Some(twins) = &self.cfg.twins
+                && !twins.delivers(node, target, round, self.now)
+            {
+                continue;
+            }
             for at in self.cfg.network.deliveries(&mut self.rng, self.now, node, target) {
                 let event = Event::Deliver {
                     to: target,
@@ -653,10 +661,4 @@ fn panic_message(panic: &Box<dyn std::any::Any + Send>) -> String {
         .map(|s| s.to_string())
         .or_else(|| panic.downcast_ref::<String>().cloned())
         .unwrap_or_else(|| "non-string panic".into())
-}
-
-/// Runs one seed of the default scenario for HotStuff with `nodes` replicas.
-pub fn run_hotstuff_seed(nodes: usize, seed: u64) -> Result<SimReport, Box<SimFailure>> {
-    let cfg = SimConfig::from_seed(nodes, seed);
-    Simulation::new(HotStuffHarness::new(nodes), cfg).run()
 }

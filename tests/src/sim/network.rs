@@ -32,7 +32,10 @@ impl NetworkModel {
         if now >= self.gst {
             return vec![now.plus_millis(rng.gen_range(1..=self.post_gst_max_delay))];
         }
-        let cut = self.partitions.iter().any(|p| p.start <= now && now < p.end && p.side[from] != p.side[to]);
+        let cut = self
+            .partitions
+            .iter()
+            .any(|p| p.start <= now && now < p.end && p.side.get(from) != p.side.get(to));
         if cut || rng.gen_bool(self.drop_rate) {
             return Vec::new();
         }

@@ -1,0 +1,231 @@
+//! HotStuff with Byzantine replicas under the deterministic simulator.
+//!
+//! Each behaviour runs on f replicas (chosen by the seed) for n = 4 and n = 7, 200 seeds
+//! each, in the short scenario profile (GST in 0.5–2 s, 10–40 transactions, at least 10
+//! blocks after GST, every transaction committed within 60 s of max(submit, GST)), with
+//! loss, duplication, reordering and partitions before GST. Every seed must end with 0
+//! safety violations and pass the liveness check; honest replicas never send a message
+//! that fails verification and never hold evidence against an honest replica. A
+//! failure prints its one-line replay command.
+
+use std::collections::BTreeSet;
+use std::ops::Range;
+
+use bulwark_consensus::byzantine::{Behaviour, Behaviours};
+use bulwark_consensus::hotstuff::{Message, Proposal, VoteData};
+use bulwark_consensus::{Evidence, EvidenceKind};
+use bulwark_crypto::{Committee, ReplicaId, Signed, Verify, codec};
+use bulwark_tests::sim::{Faults, Profile, RunSpec, SimConfig, SimReport};
+
+/// Runs `spec` over `seeds`; panics with the replay command on any violation.
+fn run(spec: &RunSpec, seeds: Range<u64>) -> Vec<(SimConfig, SimReport)> {
+    let committee = sim_committee(spec.nodes);
+    let mut out = Vec::new();
+    for seed in seeds {
+        let cfg = spec.config(seed);
+        let report = spec.run(seed).unwrap_or_else(|failure| panic!("{}: {failure}", spec.label()));
+        assert!(report.blocks_after_gst >= cfg.min_blocks_after_gst, "seed {seed}");
+        assert_eq!(
+            report.honest_verify_failures,
+            0,
+            "seed {seed}: honest messages failed verification: {:?}\nreplay: {}",
+            report.verify_errors,
+            cfg.replay_command()
+        );
+        let faulty: BTreeSet<ReplicaId> = cfg.faulty().into_iter().map(|p| ReplicaId(p as u16)).collect();
+        for (observer, evidence) in &report.evidence_log {
+            assert!(
+                faulty.contains(&evidence.offender),
+                "seed {seed}: replica {observer} holds evidence against honest {}\nreplay: {}",
+                evidence.offender,
+                cfg.replay_command()
+            );
+        }
+        for (_, evidence) in report.evidence_log.iter().take(2) {
+            check_evidence(evidence, &committee);
+        }
+        out.push((cfg, report));
+    }
+    out
+}
+
+fn sim_committee(nodes: usize) -> Committee {
+    Committee::deterministic("bulwark-sim", nodes, 7000).unwrap().0
+}
+
+/// Evidence is two statements the offender really signed, for the same round, that
+/// differ: anyone holding the committee can check it.
+fn check_evidence(evidence: &Evidence, committee: &Committee) {
+    match evidence.kind {
+        EvidenceKind::ConflictingProposals => {
+            let first: Proposal = codec::decode(&evidence.first, 1 << 22).unwrap();
+            let second: Proposal = codec::decode(&evidence.second, 1 << 22).unwrap();
+            assert_ne!(first.block, second.block);
+            for p in [first, second] {
+                assert_eq!((p.block.author, p.block.round), (evidence.offender, evidence.round));
+                Message::Proposal(p).verify(committee).unwrap();
+            }
+        }
+        EvidenceKind::ConflictingVotes => {
+            let first: Signed<VoteData> = codec::decode(&evidence.first, 4096).unwrap();
+            let second: Signed<VoteData> = codec::decode(&evidence.second, 4096).unwrap();
+            assert_ne!(first.value, second.value);
+            for v in [first, second] {
+                assert_eq!((v.signer, v.value.round), (evidence.offender, evidence.round));
+                v.verify(committee).unwrap();
+            }
+        }
+    }
+}
+
+/// What each behaviour must visibly do, beyond safety and liveness.
+fn check_effects(behaviour: Behaviour, runs: &[(SimConfig, SimReport)]) {
+    let seeds = runs.len();
+    let count = |pred: &dyn Fn(&SimReport) -> bool| runs.iter().filter(|(_, r)| pred(r)).count();
+    match behaviour {
+        Behaviour::Equivocate { .. } | Behaviour::DoubleVote => {
+            let kind = if behaviour == Behaviour::DoubleVote {
+                EvidenceKind::ConflictingVotes
+            } else {
+                EvidenceKind::ConflictingProposals
+            };
+            // Every seed: some honest replica holds evidence naming the culprit.
+            for (cfg, report) in runs {
+                let culprits: BTreeSet<ReplicaId> =
+                    cfg.byzantine.iter().map(|(id, _)| ReplicaId(*id as u16)).collect();
+                assert!(
+                    report.evidence_log.iter().any(|(_, e)| e.kind == kind && culprits.contains(&e.offender)),
+                    "seed {}: no {kind:?} evidence against {culprits:?}\nreplay: {}",
+                    cfg.seed,
+                    cfg.replay_command()
+                );
+            }
+        }
+        Behaviour::BadSignature | Behaviour::ForgeQc { .. } | Behaviour::ForgeTc { .. } => {
+            assert_eq!(
+                count(&|r| r.verify_failures > 0),
+                seeds,
+                "{behaviour}: forged messages were accepted"
+            );
+        }
+        Behaviour::WrongStateDigest => {
+            assert!(count(&|r| r.digest_mismatches > 0) * 10 >= seeds * 9, "wrong digests went unnoticed");
+        }
+        _ => {}
+    }
+}
+
+fn behaviour(nodes: usize, behaviour: Behaviour, seeds: Range<u64>) {
+    let spec = RunSpec::on_f(nodes, behaviour);
+    let runs = run(&spec, seeds);
+    check_effects(behaviour, &runs);
+    let worst = runs.iter().map(|(_, r)| r.worst_latency_ms).max().unwrap_or(0);
+    let blocks: usize = runs.iter().map(|(_, r)| r.blocks_committed).sum();
+    println!(
+        "{behaviour} n = {nodes}: {} seeds, {blocks} blocks, worst latency after GST {worst} ms",
+        runs.len()
+    );
+}
+
+macro_rules! behaviour_tests {
+    ($($name:ident: $behaviour:expr;)*) => {
+        $(
+            mod $name {
+                use super::*;
+
+                #[test]
+                fn n4_seeds_0_to_199() {
+                    behaviour(4, $behaviour, 0..200);
+                }
+
+                #[test]
+                fn n7_seeds_0_to_99() {
+                    behaviour(7, $behaviour, 0..100);
+                }
+
+                #[test]
+                fn n7_seeds_100_to_199() {
+                    behaviour(7, $behaviour, 100..200);
+                }
+            }
+        )*
+    };
+}
+
+behaviour_tests! {
+    equivocate: Behaviour::Equivocate { overlap: 1 };
+    double_vote: Behaviour::DoubleVote;
+    silent: Behaviour::Silent;
+    withhold_votes: Behaviour::WithholdVotes { to_positions: None };
+    bad_signature: Behaviour::BadSignature;
+    forge_qc: Behaviour::ForgeQc { defect: None };
+    forge_tc: Behaviour::ForgeTc { defect: None };
+    stale_replay: Behaviour::StaleReplay { lag: 3 };
+    round_jump: Behaviour::RoundJump { by: 1_000_000 };
+    wrong_state_digest: Behaviour::WrongStateDigest;
+    flood: Behaviour::Flood { per_step: 4 };
+    selective_leader: Behaviour::SelectiveLeader;
+}
+
+/// Between 1 and f Byzantine replicas with different behaviours, plus crash-restarts
+/// of honest replicas up to the rest of the budget and the profile's drops.
+#[test]
+fn mixed_n4_seeds_0_to_199() {
+    run(&RunSpec::new(4, Profile::Short, Faults::Mixed), 0..200);
+}
+
+#[test]
+fn mixed_n7_seeds_0_to_99() {
+    let runs = run(&RunSpec::new(7, Profile::Short, Faults::Mixed), 0..100);
+    assert!(runs.iter().any(|(cfg, _)| cfg.byzantine.len() == 2), "two behaviours at once");
+    assert!(runs.iter().any(|(cfg, _)| cfg.byzantine.len() == 1 && !cfg.crashes.is_empty()), "a crash too");
+}
+
+#[test]
+fn mixed_n7_seeds_100_to_199() {
+    run(&RunSpec::new(7, Profile::Short, Faults::Mixed), 100..200);
+}
+
+/// Composed behaviours on one replica: a leader that equivocates and votes for both
+/// of its blocks, and a replica that floods while replaying stale messages.
+#[test]
+fn composed_behaviours_on_one_replica() {
+    for text in ["equivocate+double-vote", "flood+stale-replay", "equivocate=0+selective-leader"] {
+        let behaviours: Behaviours = text.parse().unwrap();
+        for nodes in [4, 7] {
+            let count = (nodes - 1) / 3;
+            let spec =
+                RunSpec::new(nodes, Profile::Short, Faults::Random { behaviours: behaviours.clone(), count });
+            run(&spec, 1_000..1_030);
+        }
+    }
+}
+
+/// The fault budget: Byzantine replicas never crash, crashes are trimmed to f minus the
+/// Byzantine count, and there is no whole-committee restart.
+#[test]
+fn byzantine_replicas_count_toward_the_fault_budget() {
+    for seed in 0..500 {
+        for nodes in [4, 7, 10] {
+            let f = (nodes - 1) / 3;
+            let cfg = SimConfig::short(nodes, seed).with_mixed_byzantine();
+            assert!((1..=f).contains(&cfg.byzantine.len()));
+            assert!(cfg.byzantine.len() + cfg.crashes.len() <= f, "seed {seed}: over budget");
+            assert!(cfg.whole_committee_restart.is_none());
+            assert!(cfg.crashes.iter().all(|(id, _, _)| !cfg.byzantine.iter().any(|(b, _)| b == id)));
+            let names: BTreeSet<&str> = cfg.byzantine.iter().map(|(_, b)| b.0[0].name()).collect();
+            assert_eq!(names.len(), cfg.byzantine.len(), "different behaviours");
+        }
+    }
+}
+
+#[test]
+fn a_byzantine_seed_replays_from_its_command() {
+    let spec = RunSpec::on_f(7, Behaviour::Equivocate { overlap: 1 });
+    let cfg = spec.config(5);
+    let command = cfg.replay_command();
+    assert!(command.contains("--profile short --byzantine "), "{command}");
+    let first = spec.run(5).unwrap();
+    let again = bulwark_tests::sim::run_hotstuff(cfg).unwrap();
+    assert_eq!(first.trace_digest, again.trace_digest);
+}
