@@ -2,7 +2,7 @@
 //!
 //! Each behaviour runs on f replicas (chosen by the seed) for n = 4 and n = 7, 200 seeds
 //! each, in the short scenario profile (GST in 0.5–2 s, 10–40 transactions, at least 10
-//! blocks after GST, every transaction committed within 60 s of max(submit, GST)), with
+//! blocks after GST, every transaction committed within 70 s of max(submit, GST)), with
 //! loss, duplication, reordering and partitions before GST. Every seed must end with 0
 //! safety violations and pass the liveness check; honest replicas never send a message
 //! that fails verification and never hold evidence against an honest replica. A

@@ -100,8 +100,15 @@ fn main() -> anyhow::Result<()> {
                 println!("twins: {twins}");
             }
             match spec.run(seed) {
-                Ok(report) => {
+                Ok(mut report) => {
+                    let evidence = std::mem::take(&mut report.evidence_log);
                     println!("{report:#?}");
+                    for (observer, e) in evidence.iter().take(10) {
+                        println!(
+                            "evidence held by {observer}: {:?} by replica {} in round {}",
+                            e.kind, e.offender, e.round
+                        );
+                    }
                     println!("violations: 0");
                 }
                 Err(failure) => {
