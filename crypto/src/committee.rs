@@ -179,16 +179,23 @@ impl Committee {
                 )
             })
             .collect();
+        let committee =
+            Committee::from_keys(name, &keys, |i| format!("127.0.0.1:{}", usize::from(base_port) + i))?;
+        Ok((committee, keys))
+    }
+
+    /// A committee whose replica `i` (id `i`) holds `keys[i]` and listens at `address(i)`.
+    pub fn from_keys(
+        name: &str,
+        keys: &[KeyPair],
+        mut address: impl FnMut(usize) -> String,
+    ) -> Result<Committee, CommitteeError> {
         let members = keys
             .iter()
             .enumerate()
-            .map(|(i, k)| Member {
-                id: ReplicaId(i as u16),
-                public_key: k.public(),
-                address: format!("127.0.0.1:{}", usize::from(base_port) + i),
-            })
+            .map(|(i, k)| Member { id: ReplicaId(i as u16), public_key: k.public(), address: address(i) })
             .collect();
-        Ok((Committee::new(name, members)?, keys))
+        Committee::new(name, members)
     }
 
     pub fn name(&self) -> &str {

@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use bulwark_crypto::{Committee, KeyPair, Member, ReplicaId};
+use bulwark_crypto::{Committee, KeyPair};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{ConsensusSection, NodeConfig, RuntimeSection};
@@ -45,16 +45,7 @@ pub fn init(dir: &Path, n: usize, base_port: u16, name: &str, app: AppKind) -> a
     anyhow::ensure!(!dir.join("committee.toml").exists(), "{} already holds a testnet", dir.display());
     std::fs::create_dir_all(dir)?;
     let keys: Vec<KeyPair> = (0..n).map(|_| KeyPair::generate()).collect();
-    let members = keys
-        .iter()
-        .enumerate()
-        .map(|(i, k)| Member {
-            id: ReplicaId(i as u16),
-            public_key: k.public(),
-            address: format!("127.0.0.1:{}", ports(base_port, i).0),
-        })
-        .collect();
-    let committee = Committee::new(name, members)?;
+    let committee = Committee::from_keys(name, &keys, |i| format!("127.0.0.1:{}", ports(base_port, i).0))?;
     std::fs::write(
         dir.join("committee.toml"),
         format!("# Bulwark committee: every replica and client uses the same file.\n{}", committee.to_toml()),

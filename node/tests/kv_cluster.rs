@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bulwark_consensus::hotstuff::TimeoutPolicy;
-use bulwark_crypto::{Committee, KeyPair, Member, ReplicaId};
+use bulwark_crypto::{Committee, KeyPair, ReplicaId};
 use bulwark_network::NetworkConfig;
 use bulwark_node::app::kv::{KvOp, KvResult};
 use bulwark_node::client::Client;
@@ -53,16 +53,9 @@ impl Cluster {
 
     async fn start_app(n: usize, app: AppKind) -> Cluster {
         let keys: Vec<KeyPair> = (0..n).map(|_| KeyPair::generate()).collect();
-        let members = keys
-            .iter()
-            .enumerate()
-            .map(|(i, k)| Member {
-                id: ReplicaId(i as u16),
-                public_key: k.public(),
-                address: format!("127.0.0.1:{}", free_udp_port()),
-            })
-            .collect();
-        let committee = Committee::new("kv-cluster-test", members).expect("committee");
+        let committee =
+            Committee::from_keys("kv-cluster-test", &keys, |_| format!("127.0.0.1:{}", free_udp_port()))
+                .expect("committee");
         let mut cluster = Cluster {
             app,
             committee,
