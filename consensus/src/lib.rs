@@ -7,9 +7,10 @@
 
 pub mod byzantine;
 pub mod hotstuff;
+pub mod pbft;
 pub mod protocol;
 
 pub use protocol::{
     Actions, CommittedBlock, Event, Evidence, EvidenceKind, Height, Input, LoadRequest, Outgoing, Payload,
-    PayloadRequest, Protocol, Recipient, Round, StoredRecord, Time, WireMessage,
+    PayloadRequest, Protocol, ProtocolKind, Recipient, Round, StoredRecord, Time, UnknownProtocol, WireMessage,
 };

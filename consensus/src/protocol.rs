@@ -259,3 +259,43 @@ impl<M, R> Actions<M, R> {
             && self.events.is_empty()
     }
 }
+
+/// Which protocol a committee runs. Chosen per committee (`protocol = "hotstuff"` or
+/// `"pbft"` in its file); everything around the core is shared.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProtocolKind {
+    #[default]
+    HotStuff,
+    Pbft,
+}
+
+impl ProtocolKind {
+    pub const ALL: [ProtocolKind; 2] = [ProtocolKind::HotStuff, ProtocolKind::Pbft];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            ProtocolKind::HotStuff => "hotstuff",
+            ProtocolKind::Pbft => "pbft",
+        }
+    }
+}
+
+impl fmt::Display for ProtocolKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A protocol name that is neither `hotstuff` nor `pbft`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown protocol {0:?} (expected \"hotstuff\" or \"pbft\")")]
+pub struct UnknownProtocol(pub String);
+
+impl std::str::FromStr for ProtocolKind {
+    type Err = UnknownProtocol;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ProtocolKind::ALL.into_iter().find(|p| p.name() == s).ok_or_else(|| UnknownProtocol(s.to_string()))
+    }
+}

@@ -4,7 +4,10 @@
 
 use std::collections::BTreeMap;
 
-use bulwark_crypto::{Committee, Digest, KeyPair, ReplicaId};
+use bulwark_crypto::{Committee, Digest, Domain, KeyPair, QuorumSignatures, ReplicaId, Signature};
+use serde::Serialize;
+
+use super::CertDefect;
 
 use crate::protocol::{Round, WireMessage};
 
@@ -102,6 +105,48 @@ impl Forger {
 
     pub fn second_proposal(&self, round: Round) -> Option<Digest> {
         self.second_proposals.get(&round).copied()
+    }
+
+    /// A signature by the forger over something else than what it will be attached to.
+    pub fn wrong_signature(&mut self, domain: Domain) -> Signature {
+        let nonce = self.next_u64();
+        self.key.sign(domain, self.committee.chain_id(), &nonce)
+    }
+
+    /// A signature set over `value` that fails verification by `defect`: `existing`
+    /// (with our own signature added) cut to one short of `required`, then padded.
+    /// The forger has only its own key, so it can never make a valid set alone.
+    pub fn forge_signatures<T: Serialize + ?Sized>(
+        &self,
+        existing: &QuorumSignatures,
+        domain: Domain,
+        value: &T,
+        required: usize,
+        defect: CertDefect,
+    ) -> QuorumSignatures {
+        let own = self.key.sign(domain, self.committee.chain_id(), value);
+        let mut signatures: Vec<(ReplicaId, Signature)> = existing.signatures().to_vec();
+        if !signatures.iter().any(|(id, _)| *id == self.id) {
+            signatures.insert(0, (self.id, own));
+        }
+        signatures.truncate(required.saturating_sub(1).max(1));
+        match defect {
+            CertDefect::TooFewSigners => {}
+            CertDefect::DuplicateSigner => {
+                let first = signatures[0];
+                signatures.push(first);
+            }
+            CertDefect::UnknownSigner => signatures.push((ReplicaId(u16::MAX), own)),
+            CertDefect::InventedSignature => {
+                // A member that did not sign and is not us: our own signature under its name.
+                let absent = self
+                    .committee
+                    .ids()
+                    .find(|id| *id != self.id && !signatures.iter().any(|(s, _)| s == id));
+                signatures.push((absent.unwrap_or(ReplicaId(u16::MAX)), own));
+            }
+        }
+        QuorumSignatures::new(signatures)
     }
 }
 

@@ -2,7 +2,7 @@
 //! messages. Everything it makes is signed with its own key; what it cannot make is a
 //! valid signature of anyone else, which is why forged certificates never verify.
 
-use bulwark_crypto::{Digest, Domain, QuorumSignatures, ReplicaId, Signature, Signed};
+use bulwark_crypto::{Digest, Domain, QuorumSignatures, ReplicaId, Signed};
 
 use super::behaviour::CertDefect;
 use super::forge::{Forgeable, Forger, MessageKind};
@@ -16,37 +16,10 @@ fn sign_proposal(forger: &Forger, block: Block, tc: Option<TimeoutCert>) -> Mess
     Message::Proposal(Proposal::new(block, forger.key(), forger.committee(), tc))
 }
 
-/// A signature by the forger over something else than what it will be attached to.
-fn wrong_signature(forger: &mut Forger, domain: Domain) -> Signature {
-    let nonce = forger.next_u64();
-    forger.key().sign(domain, forger.committee().chain_id(), &nonce)
-}
-
 /// `qc` made invalid by `defect` (same vote data, so a block still links to its parent).
 fn forge_qc(forger: &mut Forger, qc: &QuorumCert, defect: CertDefect) -> QuorumCert {
-    let committee = forger.committee().clone();
-    let quorum = committee.quorum();
-    let own = forger.key().sign(Domain::Vote, committee.chain_id(), &qc.vote);
-    let mut signatures: Vec<(ReplicaId, Signature)> = qc.signatures.signatures().to_vec();
-    if !signatures.iter().any(|(id, _)| *id == forger.id()) {
-        signatures.insert(0, (forger.id(), own));
-    }
-    signatures.truncate(quorum - 1);
-    match defect {
-        CertDefect::TooFewSigners => {}
-        CertDefect::DuplicateSigner => {
-            let first = signatures[0];
-            signatures.push(first);
-        }
-        CertDefect::UnknownSigner => signatures.push((ReplicaId(u16::MAX), own)),
-        CertDefect::InventedSignature => {
-            // A member that did not sign and is not us: our own signature under its name.
-            let absent =
-                committee.ids().find(|id| *id != forger.id() && !signatures.iter().any(|(s, _)| s == id));
-            signatures.push((absent.unwrap_or(ReplicaId(u16::MAX)), own));
-        }
-    }
-    QuorumCert { vote: qc.vote, signatures: QuorumSignatures::new(signatures) }
+    let quorum = forger.committee().quorum();
+    QuorumCert { vote: qc.vote, signatures: forger.forge_signatures(&qc.signatures, Domain::Vote, &qc.vote, quorum, defect) }
 }
 
 /// A timeout certificate for `round` with `defect`: the forger has only its own key.
@@ -124,17 +97,17 @@ impl Forgeable for Message {
         Some(match self {
             Message::Proposal(p) => {
                 let mut p = p.clone();
-                p.signature = wrong_signature(forger, Domain::Proposal);
+                p.signature = forger.wrong_signature(Domain::Proposal);
                 Message::Proposal(p)
             }
             Message::Vote(v) => {
                 let mut v = v.clone();
-                v.signature = wrong_signature(forger, Domain::Vote);
+                v.signature = forger.wrong_signature(Domain::Vote);
                 Message::Vote(v)
             }
             Message::Timeout(t) => {
                 let mut t = t.clone();
-                t.timeout.signature = wrong_signature(forger, Domain::Timeout);
+                t.timeout.signature = forger.wrong_signature(Domain::Timeout);
                 Message::Timeout(t)
             }
             Message::SyncRequest(_) | Message::SyncResponse(_) => return None,

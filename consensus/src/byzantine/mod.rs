@@ -6,8 +6,8 @@
 //! produced (drop, redirect, duplicate, replay, add), or, where it must craft a message
 //! (a second proposal, a forged certificate, a wrong state digest), a call into the
 //! small [`Forgeable`] trait that a protocol's message type implements. HotStuff's
-//! implementation is in `hotstuff.rs`; the PBFT core reuses every wrapper by
-//! implementing [`Forgeable`] for its messages.
+//! implementation is in `hotstuff.rs`, PBFT's in `pbft.rs`: both cores run under the same
+//! wrappers.
 //!
 //! The behaviours (see [`Behaviour`] for each one's parameters):
 //!
@@ -33,6 +33,7 @@
 mod behaviour;
 mod forge;
 pub(crate) mod hotstuff;
+mod pbft;
 mod wrapper;
 
 pub use behaviour::{Behaviour, Behaviours, CertDefect, ParseError, parse_assignments};

@@ -7,10 +7,12 @@
 //! sim --nodes 7 --seeds 1000 --mixed                       # 1..f behaviours + crashes
 //! sim --nodes 4 --seeds 1000 --profile twins               # Twins scenarios
 //! sim --nodes 4 --seed 17 --profile short --byzantine 2:flood   # replay one seed
+//! sim --nodes 7 --seeds 300 --protocol pbft                 # the PBFT core
 //! ```
 
 use std::time::Instant;
 
+use bulwark_consensus::ProtocolKind;
 use bulwark_consensus::byzantine::{Behaviour, Behaviours, parse_assignments};
 use bulwark_tests::sim::{Faults, Profile, RunSpec, sweep};
 use clap::Parser;
@@ -46,6 +48,9 @@ struct Args {
     /// 1..f Byzantine replicas with different behaviours plus honest crashes.
     #[arg(long, conflicts_with = "byzantine")]
     mixed: bool,
+    /// The protocol core: hotstuff or pbft.
+    #[arg(long, default_value = "hotstuff")]
+    protocol: ProtocolKind,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -85,14 +90,16 @@ fn main() -> anyhow::Result<()> {
     } else {
         vec![RunSpec::new(args.nodes, args.profile, Faults::None)]
     };
+    let specs: Vec<RunSpec> = specs.into_iter().map(|s| s.with_protocol(args.protocol)).collect();
 
     if let Some(seed) = args.seed {
         let mut failed = false;
         for spec in &specs {
             let cfg = spec.config(seed);
             println!(
-                "seed {seed}, {} replicas, profile {}, faults {}",
+                "seed {seed}, {} {} replicas, profile {}, faults {}",
                 args.nodes,
+                args.protocol,
                 cfg.profile,
                 spec.label()
             );

@@ -3,7 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use bulwark_consensus::Time;
+use bulwark_consensus::{ProtocolKind, Time};
 use bulwark_consensus::byzantine::{Behaviour, Behaviours};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -96,6 +96,8 @@ pub struct SimConfig {
     pub byzantine: Vec<(usize, Behaviours)>,
     /// Twins: replicas that run twice, and the per-round partitions and leaders.
     pub twins: Option<TwinsScenario>,
+    /// The protocol core the replicas run.
+    pub protocol: ProtocolKind,
 }
 
 impl SimConfig {
@@ -175,6 +177,7 @@ impl SimConfig {
             max_time: gst.plus_millis(ranges.max_after_gst),
             byzantine: Vec::new(),
             twins: None,
+            protocol: ProtocolKind::HotStuff,
         }
     }
 
@@ -206,12 +209,18 @@ impl SimConfig {
             max_time: heal.plus_millis(60_000),
             byzantine: Vec::new(),
             twins: Some(scenario),
+            protocol: ProtocolKind::HotStuff,
         }
     }
 
     /// Makes `byzantine` malicious. They count toward the fault budget: crashes are
     /// kept only for honest replicas and only up to f minus the Byzantine count, and
     /// there is no whole-committee restart.
+    pub fn with_protocol(mut self, protocol: ProtocolKind) -> SimConfig {
+        self.protocol = protocol;
+        self
+    }
+
     pub fn with_byzantine(mut self, byzantine: Vec<(usize, Behaviours)>) -> SimConfig {
         let f = (self.nodes - 1) / 3;
         let budget = f.saturating_sub(byzantine.len());
@@ -275,6 +284,9 @@ impl SimConfig {
             "cargo run --release -p bulwark-tests --bin sim -- --nodes {} --seed {}",
             self.nodes, self.seed
         );
+        if self.protocol != ProtocolKind::HotStuff {
+            command.push_str(&format!(" --protocol {}", self.protocol));
+        }
         if self.profile != Profile::Default {
             command.push_str(&format!(" --profile {}", self.profile));
         }

@@ -9,6 +9,7 @@ mod checker;
 mod config;
 mod hotstuff;
 mod network;
+mod pbft;
 mod runner;
 mod twins;
 
@@ -30,7 +31,8 @@ pub use checker::{Checker, Violation};
 pub use config::{ClientModel, Profile, SimConfig};
 pub use hotstuff::{HotStuffHarness, ScenarioLeaders};
 pub use network::{NetworkModel, Partition};
-pub use runner::{Faults, RunSpec, Sweep, run_hotstuff, run_hotstuff_seed, sweep};
+pub use pbft::PbftHarness;
+pub use runner::{Faults, RunSpec, Sweep, run_hotstuff, run_hotstuff_seed, run_pbft, run_scenario, sweep};
 pub use twins::{TwinsRound, TwinsScenario};
 
 /// Builds replicas of one protocol for the simulator.
@@ -43,6 +45,11 @@ pub trait Harness {
     -> Self::P;
     /// The round a message speaks about (Twins partitions messages by round).
     fn message_round(&self, msg: &<Self::P as Protocol>::Message) -> Option<Round>;
+    /// How long the host holds a payload request while the mempool has nothing new
+    /// (the node waits for transactions or its idle delay); 0 answers at once.
+    fn payload_hold_ms(&self) -> u64 {
+        0
+    }
 }
 
 /// Who a simulated replica instance is and how it behaves.
@@ -140,6 +147,9 @@ enum Event<M> {
     Restart {
         node: usize,
     },
+    PayloadDue {
+        node: usize,
+    },
 }
 
 struct ChainEntry {
@@ -151,13 +161,18 @@ struct ChainEntry {
 
 struct Node<P: Protocol> {
     core: Option<P>,
+    /// Chain records in the order persisted, and the one safety record (replaced in
+    /// place, as the node's store does).
     disk: Vec<P::Record>,
+    safety_at: Option<usize>,
     /// Chain records by digest, for payload exclusion and loads.
     chain: HashMap<Digest, ChainEntry>,
     app: App,
     mempool: Mempool,
     timer_at: Option<Time>,
     crash_at_next_persist: bool,
+    /// A payload request held until a transaction arrives or the hold ends.
+    payload_wanted: Option<PayloadRequest>,
 }
 
 const TRACE_LEN: usize = 48;
@@ -208,11 +223,13 @@ impl<H: Harness> Simulation<H> {
             .map(|_| Node {
                 core: None,
                 disk: Vec::new(),
+                safety_at: None,
                 chain: HashMap::new(),
                 app: App::default(),
                 mempool: Mempool::default(),
                 timer_at: None,
                 crash_at_next_persist: false,
+                payload_wanted: None,
             })
             .collect();
         let checker = Checker { honest, ..Checker::default() };
@@ -435,8 +452,12 @@ impl<H: Harness> Simulation<H> {
                 self.note(format!("t={} submit tx {tx} to {targets:?}", self.now.0));
                 let retry = self.now.plus_millis(self.cfg.client_retry_ms);
                 self.schedule(retry, Event::Submit { tx });
+                for node in targets {
+                    self.answer_held_payload(node, false)?;
+                }
                 Ok(())
             }
+            Event::PayloadDue { node } => self.answer_held_payload(node, true),
             Event::ArmCrash { node } => {
                 self.nodes[node].crash_at_next_persist = self.nodes[node].core.is_some();
                 Ok(())
@@ -477,6 +498,7 @@ impl<H: Harness> Simulation<H> {
             n.mempool.clear();
             n.timer_at = None;
             n.crash_at_next_persist = false;
+            n.payload_wanted = None;
             self.note(format!("t={} crash {node}", self.now.0));
         }
     }
@@ -518,11 +540,20 @@ impl<H: Harness> Simulation<H> {
         let persisted = !actions.persist.is_empty();
         for record in actions.persist {
             let n = &mut self.nodes[node];
-            if let Some((digest, parent)) = record.chain_link() {
-                let txs = record.payload().map(decode_payload).unwrap_or_default();
-                n.chain.insert(digest, ChainEntry { parent, txs, record: n.disk.len() });
+            match record.chain_link() {
+                Some((digest, parent)) => {
+                    let txs = record.payload().map(decode_payload).unwrap_or_default();
+                    n.chain.insert(digest, ChainEntry { parent, txs, record: n.disk.len() });
+                    n.disk.push(record);
+                }
+                None => match n.safety_at {
+                    Some(at) => n.disk[at] = record,
+                    None => {
+                        n.safety_at = Some(n.disk.len());
+                        n.disk.push(record);
+                    }
+                },
             }
-            n.disk.push(record);
         }
         if persisted && self.nodes[node].crash_at_next_persist {
             self.crash(node);
@@ -567,7 +598,13 @@ impl<H: Harness> Simulation<H> {
         // 4. Payloads and loads.
         if let Some(request) = actions.want_payload {
             let payload = self.payload_for(node, request);
-            inputs.push_back(Input::Payload { round: request.round, payload });
+            let hold = self.harness.payload_hold_ms();
+            if hold == 0 || !decode_payload(&payload).is_empty() {
+                inputs.push_back(Input::Payload { round: request.round, payload });
+            } else {
+                self.nodes[node].payload_wanted = Some(request);
+                self.schedule(self.now.plus_millis(hold), Event::PayloadDue { node });
+            }
         }
         for request in actions.load {
             let records = self.load(node, request);
@@ -616,6 +653,18 @@ impl<H: Harness> Simulation<H> {
                 self.schedule(at, event);
             }
         }
+    }
+
+    /// Answers a held payload request: when the hold ends (`due`), or as soon as the
+    /// mempool has something to order.
+    fn answer_held_payload(&mut self, node: usize, due: bool) -> Result<(), Violation> {
+        let Some(request) = self.nodes[node].payload_wanted else { return Ok(()) };
+        let payload = self.payload_for(node, request);
+        if !due && decode_payload(&payload).is_empty() {
+            return Ok(());
+        }
+        self.nodes[node].payload_wanted = None;
+        self.step(node, Input::Payload { round: request.round, payload })
     }
 
     /// A payload from the mempool, leaving out what `parent`'s uncommitted ancestors

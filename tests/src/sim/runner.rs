@@ -1,4 +1,4 @@
-//! Running HotStuff scenarios: one seed, or a sweep of seeds over threads. Shared by
+//! Running scenarios (HotStuff or PBFT): one seed, or a sweep of seeds over threads. Shared by
 //! the `sim` binary and the tests, so a test failure and its replay command run the
 //! same code.
 
@@ -6,9 +6,10 @@ use std::ops::Range;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use bulwark_consensus::ProtocolKind;
 use bulwark_consensus::byzantine::Behaviours;
 
-use super::{HotStuffHarness, Profile, SimConfig, SimFailure, SimReport, Simulation};
+use super::{HotStuffHarness, PbftHarness, Profile, SimConfig, SimFailure, SimReport, Simulation};
 
 /// Which replicas are faulty beyond the profile's crashes, and how.
 #[derive(Clone, Debug, Default)]
@@ -31,11 +32,17 @@ pub struct RunSpec {
     pub nodes: usize,
     pub profile: Profile,
     pub faults: Faults,
+    pub protocol: ProtocolKind,
 }
 
 impl RunSpec {
     pub fn new(nodes: usize, profile: Profile, faults: Faults) -> RunSpec {
-        RunSpec { nodes, profile, faults }
+        RunSpec { nodes, profile, faults, protocol: ProtocolKind::HotStuff }
+    }
+
+    pub fn with_protocol(mut self, protocol: ProtocolKind) -> RunSpec {
+        self.protocol = protocol;
+        self
     }
 
     /// `behaviours` on f replicas chosen by each seed, in the short profile.
@@ -58,7 +65,7 @@ impl RunSpec {
     }
 
     pub fn config(&self, seed: u64) -> SimConfig {
-        let cfg = SimConfig::generate(self.profile, self.nodes, seed);
+        let cfg = SimConfig::generate(self.profile, self.nodes, seed).with_protocol(self.protocol);
         match &self.faults {
             Faults::None => cfg,
             Faults::Fixed(list) => cfg.with_byzantine(list.clone()),
@@ -68,8 +75,23 @@ impl RunSpec {
     }
 
     pub fn run(&self, seed: u64) -> Result<SimReport, Box<SimFailure>> {
-        run_hotstuff(self.config(seed))
+        run_scenario(self.config(seed))
     }
+}
+
+/// Runs one scenario with the protocol it names.
+pub fn run_scenario(cfg: SimConfig) -> Result<SimReport, Box<SimFailure>> {
+    match cfg.protocol {
+        ProtocolKind::HotStuff => run_hotstuff(cfg),
+        ProtocolKind::Pbft => run_pbft(cfg),
+    }
+}
+
+/// Runs one scenario of PBFT. Its clients send each transaction to every replica (as
+/// the node's client does): only the primary orders, and a request must reach it.
+pub fn run_pbft(mut cfg: SimConfig) -> Result<SimReport, Box<SimFailure>> {
+    cfg.clients = super::ClientModel::Rotating { fanout: cfg.nodes };
+    Simulation::new(PbftHarness::new(cfg.nodes), cfg).run()
 }
 
 /// Runs one scenario of HotStuff.

@@ -1,0 +1,82 @@
+//! Runs the PBFT core in the simulator, honest or wrapped in Byzantine behaviours.
+
+use bulwark_consensus::byzantine::{Byzantine, Forger};
+use bulwark_consensus::hotstuff::TimeoutPolicy;
+use bulwark_consensus::pbft::{Config, Message, Pbft, Record, Recovery};
+use bulwark_consensus::{Height, Protocol, Round};
+use bulwark_crypto::{Committee, KeyPair, ReplicaId};
+
+use super::{App, Harness, ReplicaSetup};
+
+/// A PBFT replica as the simulator holds it: honest, or a Byzantine wrapper.
+pub type Replica = Box<dyn Protocol<Message = Message, Record = Record>>;
+
+/// Builds PBFT replicas with deterministic test keys.
+pub struct PbftHarness {
+    committee: Committee,
+    keys: Vec<KeyPair>,
+    pub timeouts: TimeoutPolicy,
+    pub pipeline: u64,
+}
+
+impl PbftHarness {
+    pub fn new(nodes: usize) -> PbftHarness {
+        let (committee, keys) =
+            Committee::deterministic("bulwark-sim", nodes, 7000).unwrap_or_else(|e| panic!("committee: {e}"));
+        PbftHarness { committee, keys, timeouts: TimeoutPolicy { base_ms: 500, max_ms: 8_000 }, pipeline: 4 }
+    }
+
+    fn key(&self, id: ReplicaId) -> KeyPair {
+        let position = self.committee.position(id).unwrap_or_default();
+        KeyPair::from_seed(*self.keys[position].secret_bytes())
+    }
+}
+
+impl Harness for PbftHarness {
+    type P = Replica;
+
+    fn committee(&self) -> &Committee {
+        &self.committee
+    }
+
+    fn replica(&self, setup: &ReplicaSetup<'_>, disk: &[Record], app: &App) -> Replica {
+        let id = setup.id;
+        let cfg = Config {
+            id,
+            committee: self.committee.clone(),
+            key: self.key(id),
+            timeouts: self.timeouts,
+            pipeline: self.pipeline,
+        };
+        let mut recovery = Recovery {
+            executed: app.height,
+            executed_state: app.state_digest,
+            executed_log: (app.height > Height(0)).then_some(app.last_block),
+            ..Recovery::default()
+        };
+        for record in disk {
+            match record {
+                Record::Safety(s) => recovery.safety = Some(s.clone()),
+                other => recovery.records.push(other.clone()),
+            }
+        }
+        let core = Pbft::recover(cfg, recovery);
+        match setup.byzantine {
+            None => Box::new(core),
+            Some(behaviours) => {
+                let forger = Forger::new(id, self.key(id), self.committee.clone(), setup.seed);
+                Box::new(Byzantine::new(core, behaviours.clone(), forger))
+            }
+        }
+    }
+
+    fn message_round(&self, msg: &Message) -> Option<Round> {
+        msg.view()
+    }
+
+    /// Only the primary orders, so an idle one proposes an empty batch (a heartbeat
+    /// that keeps the backups from changing views) after this long, not at once.
+    fn payload_hold_ms(&self) -> u64 {
+        self.timeouts.base_ms / 5
+    }
+}
