@@ -176,6 +176,8 @@ struct Node<P: Protocol> {
 }
 
 const TRACE_LEN: usize = 48;
+/// Verified messages kept for other receivers of the same bytes (cleared when full).
+const VERIFY_CACHE_ENTRIES: usize = 4096;
 
 /// One traced event. Messages are kept encoded and only decoded to text on failure.
 enum TraceEntry {
@@ -201,7 +203,7 @@ pub struct Simulation<H: Harness> {
     trace: VecDeque<TraceEntry>,
     trace_hash: Hasher,
     next_liveness_check: Time,
-    verify_cache: HashMap<Digest, bool>,
+    verify_cache: HashMap<Digest, Option<Verified<<H::P as Protocol>::Message>>>,
     /// Rotating clients: where each transaction goes next.
     client_next: HashMap<u64, usize>,
     report: SimReport,
@@ -376,36 +378,19 @@ impl<H: Harness> Simulation<H> {
                 if self.nodes[to].core.is_none() {
                     return Ok(());
                 }
-                let committee = self.harness.committee().clone();
-                let decoded = codec::decode::<<H::P as Protocol>::Message>(
-                    &bytes,
-                    <<H::P as Protocol>::Message as WireMessage>::MAX_ENCODED_BYTES,
-                );
-                let msg = match decoded {
-                    Ok(msg) => msg,
-                    Err(e) => {
-                        self.count_verify_failure(from);
-                        if self.report.verify_errors.len() < 8 {
-                            self.report.verify_errors.push(format!("decode: {e}"));
+                // Verification is pure: a broadcast is decoded and checked once, and each
+                // receiver gets a copy of the verified message.
+                let verified = match self.verify_cache.get(&digest) {
+                    Some(known) => known.clone(),
+                    None => {
+                        let checked = self.decode_and_verify(&bytes);
+                        if self.verify_cache.len() >= VERIFY_CACHE_ENTRIES {
+                            self.verify_cache.clear();
                         }
-                        return Ok(());
+                        self.verify_cache.insert(digest, checked.clone());
+                        checked
                     }
                 };
-                // Verification is pure: a broadcast is checked once, not once per receiver.
-                let known = self.verify_cache.get(&digest).copied();
-                let verified = match known {
-                    Some(false) => None,
-                    Some(true) | None => match Verified::check(msg, &committee) {
-                        Ok(v) => Some(v),
-                        Err(e) => {
-                            if self.report.verify_errors.len() < 8 {
-                                self.report.verify_errors.push(e.to_string());
-                            }
-                            None
-                        }
-                    },
-                };
-                self.verify_cache.insert(digest, verified.is_some());
                 let Some(msg) = verified else {
                     self.count_verify_failure(from);
                     return Ok(());
@@ -481,6 +466,22 @@ impl<H: Harness> Simulation<H> {
                 self.nodes[node].core = Some(core);
                 self.note(format!("t={} start {node} at height {}", self.now.0, self.nodes[node].app.height));
                 self.step(node, Input::Start)
+            }
+        }
+    }
+
+    fn decode_and_verify(&mut self, bytes: &[u8]) -> Option<Verified<<H::P as Protocol>::Message>> {
+        let limit = <<H::P as Protocol>::Message as WireMessage>::MAX_ENCODED_BYTES;
+        let result = codec::decode::<<H::P as Protocol>::Message>(bytes, limit)
+            .map_err(|e| format!("decode: {e}"))
+            .and_then(|msg| Verified::check(msg, self.harness.committee()).map_err(|e| e.to_string()));
+        match result {
+            Ok(verified) => Some(verified),
+            Err(reason) => {
+                if self.report.verify_errors.len() < 8 {
+                    self.report.verify_errors.push(reason);
+                }
+                None
             }
         }
     }
