@@ -50,6 +50,11 @@ pub trait Harness {
     fn payload_hold_ms(&self) -> u64 {
         0
     }
+    /// Whether honest runs check integrity on every ordered transaction, not only on
+    /// executed ones: true where honest leaders never order what is already in flight.
+    fn strict_integrity(&self) -> bool {
+        true
+    }
 }
 
 /// Who a simulated replica instance is and how it behaves.
@@ -237,7 +242,7 @@ impl<H: Harness> Simulation<H> {
         let checker = Checker { honest, ..Checker::default() };
         // Byzantine leaders may order again what their ancestors carry: then only what
         // is actually executed twice is an integrity violation.
-        let strict_integrity = cfg.byzantine.is_empty() && cfg.twins.is_none();
+        let strict_integrity = harness.strict_integrity() && cfg.byzantine.is_empty() && cfg.twins.is_none();
         Simulation {
             rng: ChaCha8Rng::seed_from_u64(cfg.seed),
             harness,
