@@ -189,7 +189,8 @@ pub enum Event {
     TimeoutCertificate {
         round: Round,
     },
-    /// A proposer's claimed state digest at `height` differs from ours.
+    /// Another replica's claimed state digest at `height` differs from ours (HotStuff:
+    /// a block's proposer; PBFT: a checkpoint's signer).
     StateDigestMismatch {
         height: Height,
         ours: Digest,

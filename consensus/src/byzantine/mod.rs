@@ -22,7 +22,7 @@
 //! | `forge-tc` | proposals and timeouts carry a TC with the same defects |
 //! | `stale-replay` | whenever the core speaks, valid messages (own and received) from earlier rounds are sent again |
 //! | `round-jump` | proposals and timeouts are also sent re-signed for far rounds and rounds near `u64::MAX` |
-//! | `wrong-state-digest` | proposals claim a state digest that is not the execution's |
+//! | `wrong-state-digest` | proposals (HotStuff) and checkpoints (PBFT) claim a state digest that is not the execution's |
 //! | `flood` | whenever the core speaks, sync requests and signed votes for blocks that do not exist go to everyone |
 //! | `selective-leader` | a proposal broadcast goes to only f+1 other replicas |
 //!

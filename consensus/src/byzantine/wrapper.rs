@@ -178,13 +178,9 @@ where
                 }
             }
             Behaviour::WrongStateDigest => {
+                // Whatever carries a state digest (a HotStuff proposal, a PBFT checkpoint).
                 for o in send {
-                    let msg = match o.msg.kind() {
-                        MessageKind::Proposal => {
-                            o.msg.with_wrong_state_digest(&mut self.forger).unwrap_or(o.msg)
-                        }
-                        _ => o.msg,
-                    };
+                    let msg = o.msg.with_wrong_state_digest(&mut self.forger).unwrap_or(o.msg);
                     out.push(Outgoing { to: o.to, msg });
                 }
             }

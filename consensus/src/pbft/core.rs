@@ -83,6 +83,9 @@ pub struct Pbft {
     wanted_payloads: BTreeSet<Digest>,
     progress_deadline: Option<Time>,
     retry_deadline: Option<Time>,
+    /// While changing views: when our view change is sent again (messages before GST
+    /// may be lost, and a view change nobody heard would stall us).
+    resend_deadline: Option<Time>,
     fetch_turn: usize,
     /// Committed entries recovered from storage, not yet executed: delivered at start.
     recovered: Vec<CommittedEntry>,
@@ -126,6 +129,7 @@ impl Pbft {
             wanted_payloads: BTreeSet::new(),
             progress_deadline: None,
             retry_deadline: None,
+            resend_deadline: None,
             fetch_turn: 0,
             recovered: Vec::new(),
             out: Actions::default(),
@@ -528,6 +532,14 @@ impl Pbft {
         if self.stable.seq() == height && self.stable.data != data {
             self.mismatch(height, data.state, self.stable.data.state);
         }
+        let differing: Vec<Event> = self
+            .checkpoints
+            .values()
+            .flatten()
+            .filter(|c| c.value.seq == height && c.value.state != state)
+            .map(|c| Event::StateDigestMismatch { height, ours: state, claimed: c.value.state, proposer: c.signer })
+            .collect();
+        self.out.events.extend(differing);
         if height <= self.stable.seq() {
             return;
         }
@@ -543,6 +555,19 @@ impl Pbft {
 
     fn store_checkpoint(&mut self, now: Time, checkpoint: Signed<CheckpointData>) {
         let data = checkpoint.value;
+        if let Some(ours) = self.own_checkpoints.get(&data.seq)
+            && checkpoint.signer != self.cfg.id
+            && ours.state != data.state
+        {
+            // A replica executed the same log to another state (or lies about it).
+            let event = Event::StateDigestMismatch {
+                height: data.seq,
+                ours: ours.state,
+                claimed: data.state,
+                proposer: checkpoint.signer,
+            };
+            self.out.events.push(event);
+        }
         if data.seq <= self.stable.seq() {
             return;
         }
@@ -711,12 +736,36 @@ impl Pbft {
         let vc = Signed::sign(data, self.cfg.id, &self.cfg.key, self.committee().chain_id()).into_inner();
         self.broadcast(Message::ViewChange(vc.clone()));
         self.view_changes.insert(self.cfg.id, vc);
-        self.progress_deadline = Some(now.plus_millis(self.timeout_ms()));
+        self.progress_deadline = None;
+        self.resend_deadline = Some(now.plus_millis(self.cfg.timeouts.base_ms));
+        self.arm_view_change_timer(now);
         self.maybe_new_view(now);
+    }
+
+    /// The timer of a view change starts only once 2f+1 replicas want the view (as in
+    /// Castro–Liskov): a replica never moves past a view that a quorum has not reached,
+    /// so honest replicas cannot drift apart one timeout at a time.
+    fn arm_view_change_timer(&mut self, now: Time) {
+        if !self.changing || self.progress_deadline.is_some() {
+            return;
+        }
+        let view = self.view;
+        let wanting = self.view_changes.values().filter(|vc| vc.value.view == view).count();
+        if wanting >= self.committee().quorum() {
+            self.progress_deadline = Some(now.plus_millis(self.timeout_ms()));
+        }
     }
 
     fn on_view_change(&mut self, now: Time, vc: Signed<ViewChangeData>) {
         let view = vc.value.view;
+        if view == self.view
+            && !self.changing
+            && let Some(nv) = self.last_new_view.as_ref().filter(|nv| nv.value.view == view)
+        {
+            // It missed the new view we are in: send it again.
+            let nv = nv.clone();
+            return self.send_to(vc.signer, Message::NewView(nv));
+        }
         if view < self.view || (view == self.view && !self.changing) {
             return;
         }
@@ -738,6 +787,7 @@ impl Pbft {
             let target = later[later.len() - self.committee().max_faulty() - 1];
             self.start_view_change(now, target);
         }
+        self.arm_view_change_timer(now);
         self.maybe_new_view(now);
     }
 
@@ -778,6 +828,7 @@ impl Pbft {
         let Some(plan) = plan_new_view(&nv.value.view_changes) else { return };
         self.view = view;
         self.changing = false;
+        self.resend_deadline = None;
         self.payload_pending = false;
         self.idle = false;
         for slot in self.slots.values_mut() {
@@ -825,6 +876,13 @@ impl Pbft {
     }
 
     fn on_timeout(&mut self, now: Time) {
+        if self.resend_deadline.is_some_and(|at| at <= now) {
+            self.resend_deadline = Some(now.plus_millis(self.cfg.timeouts.base_ms));
+            if let Some(vc) = self.view_changes.get(&self.cfg.id).filter(|vc| vc.value.view == self.view) {
+                let vc = vc.clone();
+                self.broadcast(Message::ViewChange(vc));
+            }
+        }
         if self.progress_deadline.is_some_and(|at| at <= now) {
             self.progress_deadline = None;
             self.start_view_change(now, self.view.next());
@@ -920,7 +978,7 @@ impl Protocol for Pbft {
     }
 
     fn next_deadline(&self) -> Option<Time> {
-        [self.progress_deadline, self.retry_deadline].into_iter().flatten().min()
+        [self.progress_deadline, self.retry_deadline, self.resend_deadline].into_iter().flatten().min()
     }
 
     fn id(&self) -> ReplicaId {
