@@ -742,15 +742,16 @@ impl Pbft {
         self.maybe_new_view(now);
     }
 
-    /// The timer of a view change starts only once 2f+1 replicas want the view (as in
-    /// Castro–Liskov): a replica never moves past a view that a quorum has not reached,
+    /// The timer of a view change starts only once 2f+1 replicas want the view or a
+    /// later one (as in Castro–Liskov): a replica never moves past a view that a quorum has not reached,
     /// so honest replicas cannot drift apart one timeout at a time.
     fn arm_view_change_timer(&mut self, now: Time) {
         if !self.changing || self.progress_deadline.is_some() {
             return;
         }
+        // A replica that asks for a later view has given up on this one too.
         let view = self.view;
-        let wanting = self.view_changes.values().filter(|vc| vc.value.view == view).count();
+        let wanting = self.view_changes.values().filter(|vc| vc.value.view >= view).count();
         if wanting >= self.committee().quorum() {
             self.progress_deadline = Some(now.plus_millis(self.timeout_ms()));
         }
