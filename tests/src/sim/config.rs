@@ -216,8 +216,14 @@ impl SimConfig {
     /// Makes `byzantine` malicious. They count toward the fault budget: crashes are
     /// kept only for honest replicas and only up to f minus the Byzantine count, and
     /// there is no whole-committee restart.
+    /// The same scenario for `protocol`. PBFT's clients send each transaction to every
+    /// replica (as the node's client does): only the primary orders, so a request
+    /// must reach it.
     pub fn with_protocol(mut self, protocol: ProtocolKind) -> SimConfig {
         self.protocol = protocol;
+        if protocol == ProtocolKind::Pbft {
+            self.clients = ClientModel::Rotating { fanout: self.nodes };
+        }
         self
     }
 

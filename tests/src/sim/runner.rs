@@ -87,10 +87,8 @@ pub fn run_scenario(cfg: SimConfig) -> Result<SimReport, Box<SimFailure>> {
     }
 }
 
-/// Runs one scenario of PBFT. Its clients send each transaction to every replica (as
-/// the node's client does): only the primary orders, and a request must reach it.
-pub fn run_pbft(mut cfg: SimConfig) -> Result<SimReport, Box<SimFailure>> {
-    cfg.clients = super::ClientModel::Rotating { fanout: cfg.nodes };
+/// Runs one scenario of PBFT (see [`SimConfig::with_protocol`] for its clients).
+pub fn run_pbft(cfg: SimConfig) -> Result<SimReport, Box<SimFailure>> {
     Simulation::new(PbftHarness::new(cfg.nodes), cfg).run()
 }
 
