@@ -12,5 +12,6 @@ pub mod protocol;
 
 pub use protocol::{
     Actions, CommittedBlock, Event, Evidence, EvidenceKind, Height, Input, LoadRequest, Outgoing, Payload,
-    PayloadRequest, Protocol, ProtocolKind, Recipient, Round, StoredRecord, Time, UnknownProtocol, WireMessage,
+    PayloadRequest, Protocol, ProtocolKind, Recipient, Round, StoredRecord, Time, UnknownProtocol,
+    WireMessage,
 };

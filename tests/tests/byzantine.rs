@@ -104,7 +104,9 @@ fn check_pbft_evidence(evidence: &Evidence, committee: &Committee) {
             assert_eq!((first.order.view, first.order.seq), (second.order.view, second.order.seq));
             for v in [first, second] {
                 assert_eq!((v.signer, v.order.view), (evidence.offender, evidence.round));
-                assert!(v.verify(Phase::Prepare, committee).is_ok() || v.verify(Phase::Commit, committee).is_ok());
+                assert!(
+                    v.verify(Phase::Prepare, committee).is_ok() || v.verify(Phase::Commit, committee).is_ok()
+                );
             }
         }
     }
@@ -138,7 +140,10 @@ fn check_effects(percent: usize, behaviour: Behaviour, runs: &[(SimConfig, SimRe
             );
         }
         Behaviour::BadSignature | Behaviour::ForgeQc { .. } | Behaviour::ForgeTc { .. } => {
-            assert!(count(&|r| r.verify_failures > 0) >= needed(100), "{behaviour}: forged messages were accepted");
+            assert!(
+                count(&|r| r.verify_failures > 0) >= needed(100),
+                "{behaviour}: forged messages were accepted"
+            );
         }
         Behaviour::WrongStateDigest => {
             assert!(count(&|r| r.digest_mismatches > 0) >= needed(90), "wrong digests went unnoticed");

@@ -19,7 +19,10 @@ fn sign_proposal(forger: &Forger, block: Block, tc: Option<TimeoutCert>) -> Mess
 /// `qc` made invalid by `defect` (same vote data, so a block still links to its parent).
 fn forge_qc(forger: &mut Forger, qc: &QuorumCert, defect: CertDefect) -> QuorumCert {
     let quorum = forger.committee().quorum();
-    QuorumCert { vote: qc.vote, signatures: forger.forge_signatures(&qc.signatures, Domain::Vote, &qc.vote, quorum, defect) }
+    QuorumCert {
+        vote: qc.vote,
+        signatures: forger.forge_signatures(&qc.signatures, Domain::Vote, &qc.vote, quorum, defect),
+    }
 }
 
 /// A timeout certificate for `round` with `defect`: the forger has only its own key.

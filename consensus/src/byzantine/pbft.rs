@@ -8,8 +8,8 @@ use super::behaviour::CertDefect;
 use super::forge::{Forgeable, Forger, MessageKind};
 use super::hotstuff::led_round;
 use crate::pbft::{
-    CHECKPOINT_INTERVAL, CheckpointCert, CheckpointData, MAX_FETCH_ENTRIES, Message, NewViewData, Order, Phase,
-    PrePrepare, PreparedCert, SignedOrder, ViewChangeData, Vote, batch_digest,
+    CHECKPOINT_INTERVAL, CheckpointCert, CheckpointData, MAX_FETCH_ENTRIES, Message, NewViewData, Order,
+    Phase, PrePrepare, PreparedCert, SignedOrder, ViewChangeData, Vote, batch_digest,
 };
 use crate::protocol::{Height, Payload, Round};
 
@@ -19,11 +19,15 @@ fn sign_pre_prepare(forger: &Forger, order: Order, payload: Payload) -> Message 
 }
 
 fn sign_view_change(forger: &Forger, data: ViewChangeData) -> Message {
-    Message::ViewChange(Signed::sign(data, forger.id(), forger.key(), forger.committee().chain_id()).into_inner())
+    Message::ViewChange(
+        Signed::sign(data, forger.id(), forger.key(), forger.committee().chain_id()).into_inner(),
+    )
 }
 
 fn sign_new_view(forger: &Forger, data: NewViewData) -> Message {
-    Message::NewView(Signed::sign(data, forger.id(), forger.key(), forger.committee().chain_id()).into_inner())
+    Message::NewView(
+        Signed::sign(data, forger.id(), forger.key(), forger.committee().chain_id()).into_inner(),
+    )
 }
 
 fn phase_of(msg: &Message) -> Option<(Phase, Vote)> {
@@ -76,7 +80,8 @@ fn forge_checkpoint(forger: &mut Forger, stable: &CheckpointCert, defect: CertDe
         state: forger.invented_digest(),
     };
     let quorum = forger.committee().quorum();
-    let signatures = forger.forge_signatures(&QuorumSignatures::default(), Domain::Checkpoint, &data, quorum, defect);
+    let signatures =
+        forger.forge_signatures(&QuorumSignatures::default(), Domain::Checkpoint, &data, quorum, defect);
     CheckpointCert { data, signatures }
 }
 
@@ -126,8 +131,12 @@ impl Forgeable for Message {
                 pp.order.signature = forger.wrong_signature(Domain::PrePrepare);
                 Message::PrePrepare(pp)
             }
-            Message::Prepare(v) => Message::Prepare(Vote { signature: forger.wrong_signature(Domain::Prepare), ..*v }),
-            Message::Commit(v) => Message::Commit(Vote { signature: forger.wrong_signature(Domain::Commit), ..*v }),
+            Message::Prepare(v) => {
+                Message::Prepare(Vote { signature: forger.wrong_signature(Domain::Prepare), ..*v })
+            }
+            Message::Commit(v) => {
+                Message::Commit(Vote { signature: forger.wrong_signature(Domain::Commit), ..*v })
+            }
             Message::Checkpoint(c) => {
                 let mut c = c.clone();
                 c.signature = forger.wrong_signature(Domain::Checkpoint);
@@ -194,7 +203,9 @@ impl Forgeable for Message {
                 let order = Order { view: led_round(forger, round), ..pp.order.order };
                 Some(sign_pre_prepare(forger, order, pp.payload.clone()))
             }
-            Message::ViewChange(vc) => Some(sign_view_change(forger, ViewChangeData { view: round, ..vc.value.clone() })),
+            Message::ViewChange(vc) => {
+                Some(sign_view_change(forger, ViewChangeData { view: round, ..vc.value.clone() }))
+            }
             _ => None,
         }
     }
@@ -219,7 +230,13 @@ impl Forgeable for Message {
             _ => {
                 let seq = Height(1 + forger.next_u64() % 64);
                 let order = Order { view: round, seq, digest: forger.invented_digest() };
-                Message::Commit(Vote::sign(Phase::Commit, order, forger.id(), forger.key(), forger.committee()))
+                Message::Commit(Vote::sign(
+                    Phase::Commit,
+                    order,
+                    forger.id(),
+                    forger.key(),
+                    forger.committee(),
+                ))
             }
         })
     }

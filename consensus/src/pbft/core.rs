@@ -338,8 +338,13 @@ impl Pbft {
         if let Some(accepted) = slot.accepted {
             if accepted.order != order {
                 let offender = primary(&self.cfg.committee, order.view);
-                let evidence =
-                    Pbft::evidence(EvidenceKind::ConflictingProposals, offender, order.view, &accepted, &pp.order);
+                let evidence = Pbft::evidence(
+                    EvidenceKind::ConflictingProposals,
+                    offender,
+                    order.view,
+                    &accepted,
+                    &pp.order,
+                );
                 self.out.evidence.push(evidence);
             }
             return;
@@ -399,7 +404,8 @@ impl Pbft {
         match votes.get(&vote.signer) {
             Some(known) if known.order.view == order.view && known.order.digest != order.digest => {
                 let known = *known;
-                let evidence = Pbft::evidence(EvidenceKind::ConflictingVotes, vote.signer, order.view, &known, &vote);
+                let evidence =
+                    Pbft::evidence(EvidenceKind::ConflictingVotes, vote.signer, order.view, &known, &vote);
                 self.out.evidence.push(evidence);
                 return;
             }
@@ -430,7 +436,8 @@ impl Pbft {
                 .map(|v| (v.signer, v.signature))
                 .collect();
             if prepares.len() + 1 >= quorum {
-                slot.prepared = Some(PreparedCert { pre_prepare: accepted, prepares: QuorumSignatures::new(prepares) });
+                slot.prepared =
+                    Some(PreparedCert { pre_prepare: accepted, prepares: QuorumSignatures::new(prepares) });
                 slot.commit_sent = Some(view);
                 commit = Some(accepted.order);
             }
@@ -537,7 +544,12 @@ impl Pbft {
             .values()
             .flatten()
             .filter(|c| c.value.seq == height && c.value.state != state)
-            .map(|c| Event::StateDigestMismatch { height, ours: state, claimed: c.value.state, proposer: c.signer })
+            .map(|c| Event::StateDigestMismatch {
+                height,
+                ours: state,
+                claimed: c.value.state,
+                proposer: c.signer,
+            })
             .collect();
         self.out.events.extend(differing);
         if height <= self.stable.seq() {
@@ -636,7 +648,8 @@ impl Pbft {
         if self.retry_deadline.is_some_and(|at| at > now) {
             return; // a request is out
         }
-        let signers: Vec<ReplicaId> = self.stable.signatures.signers().filter(|s| *s != self.cfg.id).collect();
+        let signers: Vec<ReplicaId> =
+            self.stable.signatures.signers().filter(|s| *s != self.cfg.id).collect();
         if signers.is_empty() {
             return;
         }
@@ -721,7 +734,11 @@ impl Pbft {
             slot.accepted = None;
         }
         self.persist_safety();
-        self.out.events.push(Event::EnteredRound { round: view, leader: self.primary_of(view), via_timeout: true });
+        self.out.events.push(Event::EnteredRound {
+            round: view,
+            leader: self.primary_of(view),
+            via_timeout: true,
+        });
         self.broadcast_view_change(now);
     }
 
@@ -797,7 +814,8 @@ impl Pbft {
             return;
         }
         let view = self.view;
-        let view_changes: Vec<_> = self.view_changes.values().filter(|vc| vc.value.view == view).cloned().collect();
+        let view_changes: Vec<_> =
+            self.view_changes.values().filter(|vc| vc.value.view == view).cloned().collect();
         if view_changes.len() < self.committee().quorum() {
             return;
         }
@@ -806,7 +824,11 @@ impl Pbft {
             .orders
             .iter()
             .map(|(seq, digest)| {
-                SignedOrder::sign(Order { view, seq: *seq, digest: *digest }, &self.cfg.key, &self.cfg.committee)
+                SignedOrder::sign(
+                    Order { view, seq: *seq, digest: *digest },
+                    &self.cfg.key,
+                    &self.cfg.committee,
+                )
             })
             .collect();
         let data = NewViewData { view, view_changes, pre_prepares };
@@ -859,7 +881,11 @@ impl Pbft {
             self.send_vote(Phase::Prepare, *order);
         }
         self.progress_deadline = Some(now.plus_millis(self.timeout_ms()));
-        self.out.events.push(Event::EnteredRound { round: view, leader: self.primary_of(view), via_timeout: false });
+        self.out.events.push(Event::EnteredRound {
+            round: view,
+            leader: self.primary_of(view),
+            via_timeout: false,
+        });
         let seqs: Vec<Height> = self.slots.keys().copied().collect();
         for seq in seqs {
             if let Some(order) = self.slots.get(&seq).and_then(|s| s.accepted).map(|o| o.order) {
@@ -939,7 +965,8 @@ impl Pbft {
                 let payload = Payload(bytes);
                 let digest = batch_digest(&payload);
                 if self.wanted_payloads.remove(&digest) {
-                    let accepted = self.slots.values().filter_map(|s| s.accepted).find(|o| o.order.digest == digest);
+                    let accepted =
+                        self.slots.values().filter_map(|s| s.accepted).find(|o| o.order.digest == digest);
                     match accepted {
                         Some(order) => self.store_batch(order.order, payload),
                         None => {

@@ -377,7 +377,10 @@ pub enum Message {
     ViewChange(Signed<ViewChangeData>),
     NewView(Signed<NewViewData>),
     /// Asks for the committed entries after `after` (state transfer).
-    FetchLog { after: Height, max: u32 },
+    FetchLog {
+        after: Height,
+        max: u32,
+    },
     /// Committed entries in sequence order, consecutive.
     LogEntries(Vec<CommittedEntry>),
     /// Asks for the payload of a batch digest this replica lacks.

@@ -3,8 +3,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use bulwark_consensus::{ProtocolKind, Time};
 use bulwark_consensus::byzantine::{Behaviour, Behaviours};
+use bulwark_consensus::{ProtocolKind, Time};
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
