@@ -1,12 +1,12 @@
 //! The `bulwark` command.
 
-use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use bulwark_consensus::byzantine::{Behaviours, parse_assignments};
 use bulwark_crypto::{Committee, Digest, Domain, KeyPair, QuorumSignatures, ReplicaId};
 use bulwark_network::NetworkConfig;
 use bulwark_node::app::kv::{KvOp, KvResult};
@@ -14,6 +14,7 @@ use bulwark_node::app::ledger::{LedgerOp, LedgerResult};
 use bulwark_node::client::Client;
 use bulwark_node::config::NodeConfig;
 use bulwark_node::node::{AppKind, start_replica};
+use bulwark_node::status;
 use bulwark_node::testnet::{self, ClientConfig};
 use clap::{Parser, Subcommand};
 
@@ -57,10 +58,18 @@ enum Command {
         #[command(subcommand)]
         op: ClientOp,
     },
-    /// Round, height, leader and digest of every replica of a testnet.
+    /// Round, height, lag, leader, peers, state digest and evidence of every replica of
+    /// a testnet, or of one replica.
     Status {
+        /// A testnet directory (every replica in its client.toml) ...
         #[arg(long, default_value = "testnet")]
         dir: PathBuf,
+        /// ... or one replica's node config (its metrics_address).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON (one object per replica, with its recent state digests).
+        #[arg(long)]
+        json: bool,
     },
     /// Start a fresh local testnet, drive KV puts at a fixed rate, and report committed
     /// tx/s and end-to-end latency (submit to f+1 matching replies).
@@ -107,6 +116,26 @@ struct TestnetArgs {
     /// The replicated application (used when the testnet is initialized).
     #[arg(long, value_enum, default_value = "kv")]
     app: App,
+    /// TEST ONLY: make these replicas malicious, ID:BEHAVIOUR[,ID:BEHAVIOUR]
+    /// (behaviours joined with '+' run together: 1:equivocate+double-vote). Written
+    /// into their configs; every other replica's config is made honest again.
+    #[arg(long)]
+    byzantine: Option<String>,
+    /// Allow more than f Byzantine replicas (safety is then no longer guaranteed).
+    #[arg(long)]
+    force: bool,
+}
+
+impl TestnetArgs {
+    /// Parses and checks `--byzantine` (nothing when absent).
+    fn byzantine(&self) -> anyhow::Result<Vec<(u16, Behaviours)>> {
+        let assignments = match &self.byzantine {
+            Some(text) => parse_assignments(text).with_context(|| format!("--byzantine {text:?}"))?,
+            None => Vec::new(),
+        };
+        testnet::check_byzantine(self.nodes, &assignments, self.force)?;
+        Ok(assignments)
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -197,13 +226,14 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Smoke => smoke()?,
-        Command::Testnet { command: TestnetCommand::Init(TestnetArgs { nodes, dir, base_port, app }) } => {
-            testnet::init(&dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app.into())?;
+        Command::Testnet { command: TestnetCommand::Init(args) } => {
+            let TestnetArgs { nodes, ref dir, base_port, app, force, .. } = args;
+            let byzantine = args.byzantine()?;
+            testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app.into())?;
+            testnet::assign_byzantine(dir, nodes, &byzantine, force)?;
             println!("testnet of {nodes} replicas written to {}", dir.display());
         }
-        Command::Testnet { command: TestnetCommand::Run(TestnetArgs { nodes, dir, base_port, app }) } => {
-            run_testnet(&dir, nodes, base_port, app.into())?
-        }
+        Command::Testnet { command: TestnetCommand::Run(args) } => run_testnet(&args)?,
         Command::Start { config } => start(&config)?,
         Command::Client { dir, config, op } => {
             client(&config.unwrap_or_else(|| dir.join("client.toml")), op)?
@@ -211,7 +241,7 @@ fn main() -> anyhow::Result<()> {
         Command::Bench { nodes, tx_size, rate, duration, clients, base_port, json } => {
             bench(nodes, tx_size, rate, duration, clients, base_port, json)?
         }
-        Command::Status { dir } => print_status(&load_client_config(&dir.join("client.toml"))?.1)?,
+        Command::Status { dir, config, json } => print_status(&dir, config.as_deref(), json)?,
     }
     Ok(())
 }
@@ -357,64 +387,44 @@ fn show(result: &[u8]) -> String {
     }
 }
 
-/// One metric scrape of a replica: name -> value for the metrics we show.
-fn scrape(address: &str) -> Option<std::collections::BTreeMap<String, f64>> {
-    let addr: SocketAddr = address.parse().ok()?;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: bulwark\r\n\r\n").ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
-    let mut out = std::collections::BTreeMap::new();
-    for line in body.lines().filter(|l| !l.starts_with('#')) {
-        let mut parts = line.rsplitn(2, ' ');
-        let (Some(value), Some(name)) = (parts.next(), parts.next()) else { continue };
-        if let Ok(v) = value.parse::<f64>() {
-            let name = name.trim_end_matches("_total");
-            *out.entry(name.to_string()).or_insert(0.0) += v;
+/// Where each replica of the testnet in `dir` serves its status.
+fn status_targets(dir: &Path) -> anyhow::Result<Vec<(u16, Option<String>)>> {
+    let (_, entries) = load_client_config(&dir.join("client.toml"))?;
+    Ok(entries.into_iter().map(|e| (e.id, e.metrics_address)).collect())
+}
+
+fn print_status(dir: &Path, config: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let targets = match config {
+        Some(path) => {
+            let config = NodeConfig::load(path)?;
+            if config.metrics_address.is_none() {
+                bail!(
+                    "config file {}: field `metrics_address`: not set; status is served there",
+                    path.display()
+                );
+            }
+            vec![(config.id, config.metrics_address)]
+        }
+        None => status_targets(dir)?,
+    };
+    let nodes = status::collect(&targets);
+    if json {
+        println!("{}", serde_json::to_string(&nodes)?);
+    } else {
+        for line in status::table(&nodes, None) {
+            println!("{line}");
         }
     }
-    Some(out)
-}
-
-fn status_lines(entries: &[testnet::ClientEndpointEntry]) -> Vec<String> {
-    let mut lines = vec![format!(
-        "{:<5} {:>8} {:>8} {:>12} {:>10} {:>9} {:>9}",
-        "NODE", "HEIGHT", "ROUND", "TXS", "VIEWCHG", "MEMPOOL", "EVIDENCE"
-    )];
-    for entry in entries {
-        let metrics = entry.metrics_address.as_deref().and_then(scrape);
-        let line = match metrics {
-            None => format!("{:<5} {:>8}", entry.id, "down"),
-            Some(m) => {
-                let get = |k: &str| m.get(k).copied().unwrap_or(0.0) as u64;
-                format!(
-                    "{:<5} {:>8} {:>8} {:>12} {:>10} {:>9} {:>9}",
-                    entry.id,
-                    get("bulwark_height"),
-                    get("bulwark_round"),
-                    get("bulwark_transactions_executed"),
-                    get("bulwark_view_changes"),
-                    get("bulwark_mempool_depth"),
-                    get("bulwark_evidence")
-                )
-            }
-        };
-        lines.push(line);
-    }
-    lines
-}
-
-fn print_status(entries: &[testnet::ClientEndpointEntry]) -> anyhow::Result<()> {
-    for line in status_lines(entries) {
-        println!("{line}");
-    }
+    anyhow::ensure!(nodes.iter().any(|n| n.report.is_some()), "no replica answered");
     Ok(())
 }
 
-fn run_testnet(dir: &Path, nodes: usize, base_port: u16, app: AppKind) -> anyhow::Result<()> {
+fn run_testnet(args: &TestnetArgs) -> anyhow::Result<()> {
+    let TestnetArgs { nodes, ref dir, base_port, app, force, .. } = *args;
+    // A bad list is refused before anything is written or started.
+    let byzantine = args.byzantine()?;
     if !dir.join("committee.toml").exists() {
-        testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app)?;
+        testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app.into())?;
         println!("initialized a {nodes}-replica testnet in {}", dir.display());
     }
     let (committee, entries) = load_client_config(&dir.join("client.toml"))?;
@@ -425,16 +435,23 @@ fn run_testnet(dir: &Path, nodes: usize, base_port: u16, app: AppKind) -> anyhow
             committee.size()
         );
     }
+    testnet::assign_byzantine(dir, nodes, &byzantine, force)?;
     let logs = dir.join("logs");
     let mut children = spawn_replicas(dir, nodes)?;
     println!("started {nodes} replicas of committee {:?}", committee.name());
     println!("  configs and keys: {}/node*.toml, node*.key (test keys)", dir.display());
     println!("  data:             {}/data/node*", dir.display());
-    println!("  logs:             {}/node*.log", logs.display());
+    println!("  logs and pids:    {}/node*.log, node*.pid", logs.display());
     for entry in &entries {
         if let Some(m) = &entry.metrics_address {
-            println!("  node {} metrics:   http://{m}/metrics   clients: {}", entry.id, entry.client_address);
+            println!(
+                "  node {} metrics:   http://{m}/metrics  status: http://{m}/status  clients: {}",
+                entry.id, entry.client_address
+            );
         }
+    }
+    if let Some(text) = &args.byzantine {
+        println!("  TEST ONLY: Byzantine replicas {text}");
     }
     println!("try: bulwark client --dir {} put hello world    (Ctrl-C stops the testnet)", dir.display());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -442,12 +459,42 @@ fn run_testnet(dir: &Path, nodes: usize, base_port: u16, app: AppKind) -> anyhow
         let stop = stop.clone();
         ctrlc_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst))?;
     }
+    // On a terminal the view redraws in place; otherwise (a log file) it is printed
+    // every PRINT_EVERY polls.
+    const PRINT_EVERY: u64 = 10;
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = indicatif::ProgressBar::new_spinner();
+    let targets: Vec<(u16, Option<String>)> =
+        entries.iter().map(|e| (e.id, e.metrics_address.clone())).collect();
+    let mut previous: std::collections::BTreeMap<u16, (std::time::Instant, u64)> = Default::default();
+    let mut exited = vec![false; children.len()];
+    let mut polls = 0u64;
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        bar.set_message(status_lines(&entries).join("\n"));
-        bar.tick();
+        let nodes = status::collect(&targets);
+        let now = std::time::Instant::now();
+        let mut rates = std::collections::BTreeMap::new();
+        for node in &nodes {
+            let Some(report) = &node.report else { continue };
+            if let Some((at, executed)) = previous.get(&node.id) {
+                let seconds = now.duration_since(*at).as_secs_f64().max(0.001);
+                rates
+                    .insert(node.id, report.transactions_executed.saturating_sub(*executed) as f64 / seconds);
+            }
+            previous.insert(node.id, (now, report.transactions_executed));
+        }
+        let view = status::table(&nodes, Some(&rates)).join("\n");
+        if interactive {
+            bar.set_message(view);
+            bar.tick();
+        } else if polls % PRINT_EVERY == 3 {
+            println!("{view}");
+        }
+        polls += 1;
         for (i, child) in children.iter_mut().enumerate() {
-            if let Ok(Some(code)) = child.try_wait() {
+            if let Ok(Some(code)) = child.try_wait()
+                && !exited[i]
+            {
+                exited[i] = true;
                 bar.suspend(|| eprintln!("replica {i} exited ({code}); see {}/node{i}.log", logs.display()));
             }
         }
@@ -460,7 +507,7 @@ fn run_testnet(dir: &Path, nodes: usize, base_port: u16, app: AppKind) -> anyhow
 }
 
 /// Starts `bulwark start` for each node config of the testnet in `dir`, logging to
-/// `dir/logs/node{i}.log`.
+/// `dir/logs/node{i}.log` and its process id to `dir/logs/node{i}.pid`.
 fn spawn_replicas(dir: &Path, nodes: usize) -> anyhow::Result<Vec<Child>> {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -476,6 +523,8 @@ fn spawn_replicas(dir: &Path, nodes: usize) -> anyhow::Result<Vec<Child>> {
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("starting replica {i}"))?;
+        // So an operator (or a test) can signal one replica: kill -9 $(cat node2.pid).
+        std::fs::write(logs.join(format!("node{i}.pid")), format!("{}\n", child.id()))?;
         children.push(child);
     }
     Ok(children)
