@@ -71,6 +71,9 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the deterministic simulator: a whole committee in one process, every
+    /// network and crash fault drawn from a seed (the same options as the `sim` binary).
+    Sim(bulwark_tests::cli::SimArgs),
     /// Start a fresh local testnet, drive KV puts at a fixed rate, and report committed
     /// tx/s and end-to-end latency (submit to f+1 matching replies).
     Bench {
@@ -240,6 +243,10 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Bench { nodes, tx_size, rate, duration, clients, base_port, json } => {
             bench(nodes, tx_size, rate, duration, clients, base_port, json)?
+        }
+        Command::Sim(args) => {
+            let violations = bulwark_tests::cli::run(&args)?;
+            anyhow::ensure!(violations == 0, "the simulator found {violations} violations");
         }
         Command::Status { dir, config, json } => print_status(&dir, config.as_deref(), json)?,
     }
