@@ -122,7 +122,7 @@ pub fn set_lags(nodes: &mut [NodeStatus]) {
 /// measured by the caller between two collections) a TX/S column is added.
 pub fn table(nodes: &[NodeStatus], rates: Option<&BTreeMap<u16, f64>>) -> Vec<String> {
     let header = format!(
-        "{:<5} {:>8} {:>8} {:>5} {:>6} {:>6} {:<8} {:>10}{} NOTE",
+        "{:<5} {:>8} {:>8} {:>5} {:>6} {:>6} {:<8} {:>8} {:>9}{} NOTE",
         "NODE",
         "ROUND",
         "HEIGHT",
@@ -130,6 +130,7 @@ pub fn table(nodes: &[NodeStatus], rates: Option<&BTreeMap<u16, f64>>) -> Vec<St
         "LEADER",
         "PEERS",
         "DIGEST",
+        "VIEWCHG",
         "EVIDENCE",
         if rates.is_some() { format!(" {:>8}", "TX/S") } else { String::new() }
     );
@@ -159,7 +160,7 @@ pub fn table(nodes: &[NodeStatus], rates: Option<&BTreeMap<u16, f64>>) -> Vec<St
             None => String::new(),
         };
         lines.push(format!(
-            "{:<5} {:>8} {:>8} {:>5} {:>6} {:>6} {:<8} {:>10}{rate} {}",
+            "{:<5} {:>8} {:>8} {:>5} {:>6} {:>6} {:<8} {:>8} {:>9}{rate} {}",
             r.id,
             r.round,
             r.height,
@@ -167,6 +168,7 @@ pub fn table(nodes: &[NodeStatus], rates: Option<&BTreeMap<u16, f64>>) -> Vec<St
             r.leader.map(|l| l.to_string()).unwrap_or("-".into()),
             format!("{}/{}", r.peers_connected, r.peers),
             r.short_digest(),
+            r.view_changes,
             r.evidence,
             notes.join("; ")
         ));
@@ -210,7 +212,7 @@ mod tests {
             NodeStatus { id: 3, address: Some("127.0.0.1:1".into()), report: None, lag: None },
         ];
         let lines = table(&nodes, None);
-        assert!(lines[0].contains("LAG") && lines[0].contains("DIGEST") && !lines[0].contains("TX/S"));
+        assert!(lines[0].contains("LAG") && lines[0].contains("VIEWCHG") && !lines[0].contains("TX/S"));
         assert!(lines[1].contains("01234567") && !lines[1].contains("89abcdef"), "{}", lines[1]);
         assert!(lines[1].contains("evidence against 2: 3"), "{}", lines[1]);
         assert!(lines[2].contains("BYZANTINE (equivocate)"), "{}", lines[2]);

@@ -42,7 +42,7 @@ fn a_four_node_testnet_serves_writes_and_reads_and_status_shows_progress() {
     let table = ok(&bulwark(&["status", "--dir", &net.dir_arg()], Duration::from_secs(20)));
     let lines: Vec<&str> = table.lines().collect();
     assert_eq!(lines.len(), 5, "{table}");
-    for column in ["ROUND", "HEIGHT", "LAG", "LEADER", "PEERS", "DIGEST", "EVIDENCE"] {
+    for column in ["ROUND", "HEIGHT", "LAG", "LEADER", "PEERS", "DIGEST", "VIEWCHG", "EVIDENCE"] {
         assert!(lines[0].contains(column), "{table}");
     }
     assert!(lines[1..].iter().all(|l| l.contains(" 3/3 ")), "{table}");
