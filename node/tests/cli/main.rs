@@ -7,5 +7,6 @@
 mod bench;
 mod errors;
 mod faults;
+mod netns;
 mod support;
 mod testnet;

@@ -114,6 +114,8 @@ pub struct Testnet {
     replicas: Vec<Option<Child>>,
     /// A `bulwark testnet run` process (it owns its replicas).
     runner: Option<Child>,
+    /// Replica `i` is started as `launcher(i)... bulwark start` (empty: directly).
+    launcher: Box<dyn Fn(usize) -> Vec<String>>,
     // Dropped last: the ports stay claimed until every process is gone.
     pub ports: Ports,
 }
@@ -137,7 +139,20 @@ impl Testnet {
             config.consensus.max_timeout_ms = 2_000;
             testnet::write_node_config(&path, &config).expect("config written");
         }
-        Testnet { nodes, dir, replicas: (0..nodes).map(|_| None).collect(), runner: None, ports }
+        Testnet {
+            nodes,
+            dir,
+            replicas: (0..nodes).map(|_| None).collect(),
+            runner: None,
+            launcher: Box::new(|_| Vec::new()),
+            ports,
+        }
+    }
+
+    /// Starts replica `i` behind the command `launcher(i)` returns (for example
+    /// `ip netns exec NS`), which must exec the rest of its arguments.
+    pub fn set_launcher(&mut self, launcher: impl Fn(usize) -> Vec<String> + 'static) {
+        self.launcher = Box::new(launcher);
     }
 
     pub fn dir(&self) -> &Path {
@@ -173,7 +188,16 @@ impl Testnet {
         std::fs::create_dir_all(self.dir().join("logs")).expect("log dir");
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(i)).expect("log file");
-        let child = Command::new(BIN)
+        let prefix = (self.launcher)(i);
+        let mut command = match prefix.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(BIN);
+                command
+            }
+            None => Command::new(BIN),
+        };
+        let child = command
             .arg("start")
             .arg("--config")
             .arg(self.config(i))
