@@ -21,6 +21,10 @@ pub struct Metrics {
     pub leader: Gauge,
     /// Peers whose connection from this replica is up.
     pub peers_connected: Gauge,
+    /// Messages waiting in each peer's send queue.
+    pub peer_queue_depth: Family<Labels, Gauge>,
+    /// Messages to each peer dropped because its send queue was full.
+    pub peer_queue_dropped: Family<Labels, Counter>,
     pub view_changes: Counter,
     pub quorum_certificates: Counter,
     pub timeout_certificates: Counter,
@@ -55,6 +59,8 @@ impl Default for Metrics {
             round: Gauge::default(),
             leader: Gauge::default(),
             peers_connected: Gauge::default(),
+            peer_queue_depth: Family::default(),
+            peer_queue_dropped: Family::default(),
             view_changes: Counter::default(),
             quorum_certificates: Counter::default(),
             timeout_certificates: Counter::default(),
@@ -78,6 +84,16 @@ impl Default for Metrics {
         registry.register("round", "Current protocol round", m.round.clone());
         registry.register("leader", "Leader of the current round", m.leader.clone());
         registry.register("peers_connected", "Peers this replica is connected to", m.peers_connected.clone());
+        registry.register(
+            "peer_queue_depth",
+            "Messages in each peer's send queue",
+            m.peer_queue_depth.clone(),
+        );
+        registry.register(
+            "peer_queue_dropped",
+            "Messages to each peer dropped on a full send queue",
+            m.peer_queue_dropped.clone(),
+        );
         registry.register("view_changes", "Rounds entered by timeout certificate", m.view_changes.clone());
         registry.register("quorum_certificates", "QCs formed by this replica", m.quorum_certificates.clone());
         registry.register(

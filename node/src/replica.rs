@@ -75,8 +75,9 @@ pub struct Status {
 /// Heights kept in [`Status::recent_digests`].
 const RECENT_DIGESTS: usize = 256;
 
-/// How often the connected-peers gauge is refreshed.
-const PEER_CHECK: Duration = Duration::from_secs(1);
+/// How often the gauges kept elsewhere (peer connections and queues, storage size) are
+/// refreshed.
+const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 
 type Req = ClientRequest<Request, Reply>;
 
@@ -91,7 +92,7 @@ pub struct Runtime<P: Protocol, A: StateMachine> {
     started: Instant,
     metrics: Arc<Metrics>,
     status: watch::Sender<Status>,
-    /// The other replicas, for the connected-peers gauge.
+    /// The other replicas, for the per-peer gauges.
     peers: Vec<ReplicaId>,
     /// Where to send the reply of each pending request.
     waiting: HashMap<(u64, u64), Vec<ReplySender<Reply>>>,
@@ -161,8 +162,8 @@ where
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<ReplicaNetwork<P::Message>, RuntimeError> {
         self.step(Input::Start)?;
-        let mut peer_check = tokio::time::interval(PEER_CHECK);
-        peer_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut gauges = tokio::time::interval(GAUGE_REFRESH);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.core.next_deadline().map(|t| self.started + Duration::from_millis(t.0));
             let payload_deadline = self.payload_wanted.as_ref().map(|(_, at)| *at);
@@ -176,7 +177,7 @@ where
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
-                _ = peer_check.tick() => self.check_peers(),
+                _ = gauges.tick() => self.refresh_gauges(),
                 Some((from, msg)) = inbound.recv() => self.step(Input::Message { from, msg })?,
                 Some(request) = clients.recv() => {
                     self.on_client(request);
@@ -306,9 +307,18 @@ where
         Ok(())
     }
 
-    fn check_peers(&mut self) {
+    fn refresh_gauges(&mut self) {
         let connected = self.peers.iter().filter(|p| self.network.is_connected(**p)).count();
         self.metrics.peers_connected.set(connected as i64);
+        for peer in &self.peers {
+            let labels = label("peer", &peer.to_string());
+            let queued = self.network.queue_len(*peer).unwrap_or(0);
+            self.metrics.peer_queue_depth.get_or_create(&labels).set(queued as i64);
+            let dropped = self.network.dropped(*peer).unwrap_or(0);
+            let counter = self.metrics.peer_queue_dropped.get_or_create(&labels);
+            counter.inc_by(dropped.saturating_sub(counter.get()));
+        }
+        self.metrics.storage_bytes.set(i64::try_from(self.store.size_bytes()).unwrap_or(i64::MAX));
         self.status.send_if_modified(|s| {
             let changed = s.peers_connected != connected;
             s.peers_connected = connected;

@@ -53,6 +53,21 @@ fn a_four_node_testnet_serves_writes_and_reads_and_status_shows_progress() {
     assert_eq!(one.lines().count(), 2, "{one}");
     assert!(one.lines().nth(1).is_some_and(|l| l.starts_with('1')), "{one}");
 
+    // The metrics behind it.
+    let address = later[0].address.clone().expect("metrics address");
+    let metrics = bulwark_node::status::http_get(&address, "/metrics").expect("metrics scrape");
+    for sample in [
+        "bulwark_height ",
+        "bulwark_leader ",
+        "bulwark_peers_connected 3",
+        "bulwark_peer_queue_depth{peer=\"1\"} ",
+        "bulwark_peer_queue_dropped_total{peer=\"1\"} 0",
+        "bulwark_storage_bytes ",
+        "bulwark_evidence_total 0",
+    ] {
+        assert!(metrics.contains(sample), "{sample:?} missing from {metrics}");
+    }
+
     // Ctrl-C stops every replica.
     let pids = net.runner_pids();
     assert_eq!(pids.len(), 4);
