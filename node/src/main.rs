@@ -76,26 +76,35 @@ enum Command {
     Sim(bulwark_tests::cli::SimArgs),
     /// Start a fresh local testnet, drive KV puts at a fixed rate, and report committed
     /// tx/s and end-to-end latency (submit to f+1 matching replies).
-    Bench {
-        #[arg(long, default_value_t = 4)]
-        nodes: usize,
-        #[arg(long, default_value_t = 512)]
-        tx_size: usize,
-        /// Offered load, transactions per second.
-        #[arg(long, default_value_t = 10_000)]
-        rate: u64,
-        /// Seconds of load.
-        #[arg(long, default_value_t = 30)]
-        duration: u64,
-        /// Pipelined clients sharing the load.
-        #[arg(long, default_value_t = 8)]
-        clients: usize,
-        #[arg(long, default_value_t = 7400)]
-        base_port: u16,
-        /// Print only the JSON report.
-        #[arg(long)]
-        json: bool,
-    },
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Replicas of the fresh testnet.
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    #[arg(long, default_value_t = 512)]
+    tx_size: usize,
+    /// Offered load, transactions per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Pipelined clients sharing the load.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Ports of the fresh testnet.
+    #[arg(long, default_value_t = 7400)]
+    base_port: u16,
+    /// Load the running testnet in this directory instead of starting one (CPU per
+    /// replica is measured when its logs/node*.pid files are there).
+    #[arg(long, conflicts_with_all = ["nodes", "base_port"])]
+    dir: Option<PathBuf>,
+    /// Print only the JSON report.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -241,9 +250,7 @@ fn main() -> anyhow::Result<()> {
         Command::Client { dir, config, op } => {
             client(&config.unwrap_or_else(|| dir.join("client.toml")), op)?
         }
-        Command::Bench { nodes, tx_size, rate, duration, clients, base_port, json } => {
-            bench(nodes, tx_size, rate, duration, clients, base_port, json)?
-        }
+        Command::Bench(args) => bench(&args)?,
         Command::Sim(args) => {
             let violations = bulwark_tests::cli::run(&args)?;
             anyhow::ensure!(violations == 0, "the simulator found {violations} violations");
@@ -547,24 +554,42 @@ fn stop_replicas(children: &mut [Child]) {
     }
 }
 
-fn bench(
-    nodes: usize,
-    tx_size: usize,
-    rate: u64,
-    duration: u64,
-    clients: usize,
-    base_port: u16,
-    json: bool,
-) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    testnet::init(dir.path(), nodes, base_port, &format!("bulwark-bench-{nodes}"), AppKind::Kv)?;
-    let (committee, entries) = load_client_config(&dir.path().join("client.toml"))?;
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let BenchArgs { tx_size, rate, duration, clients, json, .. } = *args;
+    // A fresh testnet (stopped at the end), or the running one in --dir.
+    let fresh = match &args.dir {
+        Some(_) => None,
+        None => {
+            let dir = tempfile::tempdir()?;
+            let nodes = args.nodes;
+            testnet::init(dir.path(), nodes, args.base_port, &format!("bulwark-bench-{nodes}"), AppKind::Kv)?;
+            let children = spawn_replicas(dir.path(), nodes)?;
+            Some((dir, children))
+        }
+    };
+    let dir = match (&args.dir, &fresh) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some((temp, _))) => temp.path().to_path_buf(),
+        (None, None) => bail!("no testnet to load"),
+    };
+    let (committee, entries) = load_client_config(&dir.join("client.toml"))?;
+    let nodes = committee.size();
     let endpoints: Vec<(ReplicaId, SocketAddr)> =
         entries.iter().filter_map(|e| Some((ReplicaId(e.id), e.client_address.parse().ok()?))).collect();
-    let mut children = spawn_replicas(dir.path(), nodes)?;
-    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let pids: Vec<u32> = match &fresh {
+        Some((_, children)) => children.iter().map(|c| c.id()).collect(),
+        None => (0..nodes)
+            .map_while(|i| {
+                let pid = std::fs::read_to_string(dir.join("logs").join(format!("node{i}.pid"))).ok()?;
+                pid.trim().parse().ok()
+            })
+            .collect(),
+    };
+    // CPU per replica only when every replica's process is known.
+    let pids = if pids.len() == nodes { pids } else { Vec::new() };
+    let settle = if fresh.is_some() { Duration::from_secs(2) } else { Duration::ZERO };
     let result = runtime()?.block_on(async {
-        tokio::time::sleep(Duration::from_secs(2)).await; // let the replicas connect
+        tokio::time::sleep(settle).await; // let fresh replicas connect
         let own_before = bulwark_node::bench::process_cpu_seconds(std::process::id()).unwrap_or(0.0);
         let cpu_before: Vec<f64> =
             pids.iter().map(|p| bulwark_node::bench::process_cpu_seconds(*p).unwrap_or(0.0)).collect();
@@ -598,7 +623,9 @@ fn bench(
         let own = bulwark_node::bench::process_cpu_seconds(std::process::id()).unwrap_or(0.0) - own_before;
         measured.map(|m| bulwark_node::bench::report(nodes, tx_size, rate, m, cpu, own))
     });
-    stop_replicas(&mut children);
+    if let Some((_, mut children)) = fresh {
+        stop_replicas(&mut children);
+    }
     let report = result?;
     if !json {
         println!(

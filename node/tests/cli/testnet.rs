@@ -68,6 +68,16 @@ fn a_four_node_testnet_serves_writes_and_reads_and_status_shows_progress() {
         assert!(metrics.contains(sample), "{sample:?} missing from {metrics}");
     }
 
+    // A short load test against this running testnet (not a fresh one).
+    let bench = ok(&bulwark(
+        &["bench", "--dir", &net.dir_arg(), "--rate", "100", "--duration", "2", "--clients", "1", "--json"],
+        Duration::from_secs(40),
+    ));
+    let report: serde_json::Value = serde_json::from_str(bench.trim()).expect("bench JSON");
+    assert_eq!(report["nodes"].as_f64(), Some(4.0), "{report}");
+    assert!(report["committed"].as_f64().is_some_and(|c| c > 0.0), "{report}");
+    assert_eq!(report["cpu_seconds_per_node"].as_array().map(Vec::len), Some(4), "{report}");
+
     // Ctrl-C stops every replica.
     let pids = net.runner_pids();
     assert_eq!(pids.len(), 4);
