@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bulwark_consensus::byzantine::Behaviours;
 use bulwark_consensus::hotstuff::TimeoutPolicy;
 use bulwark_crypto::{Committee, KeyPair, ReplicaId};
 use bulwark_network::NetworkConfig;
@@ -34,6 +35,13 @@ pub struct NodeConfig {
     /// The replicated application: "kv" (default) or "ledger".
     #[serde(default)]
     pub app: AppKind,
+    /// TEST ONLY. Runs this replica as a deliberately malicious one: its honest core
+    /// wrapped in the named Byzantine behaviours (`equivocate`, `silent`, `double-vote`,
+    /// ..., several joined with `+`; see `bulwark_consensus::byzantine`). Refused
+    /// unless `test_keys = true`, so a production replica can never be configured to
+    /// misbehave. `bulwark testnet run --byzantine ID:BEHAVIOUR` writes it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub byzantine: Option<String>,
     #[serde(default)]
     pub consensus: ConsensusSection,
     #[serde(default)]
@@ -129,6 +137,17 @@ impl NodeConfig {
         if self.runtime.max_batch_txs == 0 || self.runtime.mempool_max_txs == 0 {
             return Err(field("runtime", "batch and mempool sizes must be positive".into()));
         }
+        let byzantine = match &self.byzantine {
+            None => None,
+            Some(_) if !self.test_keys => {
+                return Err(field(
+                    "byzantine",
+                    "a deliberately malicious replica is for test deployments only (needs `test_keys = true`)"
+                        .into(),
+                ));
+            }
+            Some(text) => Some(text.parse::<Behaviours>().map_err(|e| field("byzantine", e.to_string()))?),
+        };
         Ok(ReplicaSettings {
             id,
             committee,
@@ -149,6 +168,7 @@ impl NodeConfig {
             },
             snapshot_every: self.runtime.snapshot_every,
             app: self.app,
+            byzantine,
         })
     }
 }

@@ -1,12 +1,12 @@
 //! The `bulwark` command.
 
-use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command as Process, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use bulwark_consensus::byzantine::{Behaviours, parse_assignments};
 use bulwark_crypto::{Committee, Digest, Domain, KeyPair, QuorumSignatures, ReplicaId};
 use bulwark_network::NetworkConfig;
 use bulwark_node::app::kv::{KvOp, KvResult};
@@ -14,6 +14,7 @@ use bulwark_node::app::ledger::{LedgerOp, LedgerResult};
 use bulwark_node::client::Client;
 use bulwark_node::config::NodeConfig;
 use bulwark_node::node::{AppKind, start_replica};
+use bulwark_node::status;
 use bulwark_node::testnet::{self, ClientConfig};
 use clap::{Parser, Subcommand};
 
@@ -57,33 +58,53 @@ enum Command {
         #[command(subcommand)]
         op: ClientOp,
     },
-    /// Round, height, leader and digest of every replica of a testnet.
+    /// Round, height, lag, leader, peers, state digest and evidence of every replica of
+    /// a testnet, or of one replica.
     Status {
+        /// A testnet directory (every replica in its client.toml) ...
         #[arg(long, default_value = "testnet")]
         dir: PathBuf,
-    },
-    /// Start a fresh local testnet, drive KV puts at a fixed rate, and report committed
-    /// tx/s and end-to-end latency (submit to f+1 matching replies).
-    Bench {
-        #[arg(long, default_value_t = 4)]
-        nodes: usize,
-        #[arg(long, default_value_t = 512)]
-        tx_size: usize,
-        /// Offered load, transactions per second.
-        #[arg(long, default_value_t = 10_000)]
-        rate: u64,
-        /// Seconds of load.
-        #[arg(long, default_value_t = 30)]
-        duration: u64,
-        /// Pipelined clients sharing the load.
-        #[arg(long, default_value_t = 8)]
-        clients: usize,
-        #[arg(long, default_value_t = 7400)]
-        base_port: u16,
-        /// Print only the JSON report.
+        /// ... or one replica's node config (its metrics_address).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Print JSON (one object per replica, with its recent state digests).
         #[arg(long)]
         json: bool,
     },
+    /// Run the deterministic simulator: a whole committee in one process, every
+    /// network and crash fault drawn from a seed (the same options as the `sim` binary).
+    Sim(bulwark_tests::cli::SimArgs),
+    /// Start a fresh local testnet, drive KV puts at a fixed rate, and report committed
+    /// tx/s and end-to-end latency (submit to f+1 matching replies).
+    Bench(BenchArgs),
+}
+
+#[derive(clap::Args)]
+struct BenchArgs {
+    /// Replicas of the fresh testnet.
+    #[arg(long, default_value_t = 4)]
+    nodes: usize,
+    #[arg(long, default_value_t = 512)]
+    tx_size: usize,
+    /// Offered load, transactions per second.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 30)]
+    duration: u64,
+    /// Pipelined clients sharing the load.
+    #[arg(long, default_value_t = 8)]
+    clients: usize,
+    /// Ports of the fresh testnet.
+    #[arg(long, default_value_t = 7400)]
+    base_port: u16,
+    /// Load the running testnet in this directory instead of starting one (CPU per
+    /// replica is measured when its logs/node*.pid files are there).
+    #[arg(long, conflicts_with_all = ["nodes", "base_port"])]
+    dir: Option<PathBuf>,
+    /// Print only the JSON report.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Subcommand)]
@@ -107,6 +128,26 @@ struct TestnetArgs {
     /// The replicated application (used when the testnet is initialized).
     #[arg(long, value_enum, default_value = "kv")]
     app: App,
+    /// TEST ONLY: make these replicas malicious, ID:BEHAVIOUR[,ID:BEHAVIOUR]
+    /// (behaviours joined with '+' run together: 1:equivocate+double-vote). Written
+    /// into their configs; every other replica's config is made honest again.
+    #[arg(long)]
+    byzantine: Option<String>,
+    /// Allow more than f Byzantine replicas (safety is then no longer guaranteed).
+    #[arg(long)]
+    force: bool,
+}
+
+impl TestnetArgs {
+    /// Parses and checks `--byzantine` (nothing when absent).
+    fn byzantine(&self) -> anyhow::Result<Vec<(u16, Behaviours)>> {
+        let assignments = match &self.byzantine {
+            Some(text) => parse_assignments(text).with_context(|| format!("--byzantine {text:?}"))?,
+            None => Vec::new(),
+        };
+        testnet::check_byzantine(self.nodes, &assignments, self.force)?;
+        Ok(assignments)
+    }
 }
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -197,21 +238,24 @@ fn main() -> anyhow::Result<()> {
             );
         }
         Command::Smoke => smoke()?,
-        Command::Testnet { command: TestnetCommand::Init(TestnetArgs { nodes, dir, base_port, app }) } => {
-            testnet::init(&dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app.into())?;
+        Command::Testnet { command: TestnetCommand::Init(args) } => {
+            let TestnetArgs { nodes, ref dir, base_port, app, force, .. } = args;
+            let byzantine = args.byzantine()?;
+            testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app.into())?;
+            testnet::assign_byzantine(dir, nodes, &byzantine, force)?;
             println!("testnet of {nodes} replicas written to {}", dir.display());
         }
-        Command::Testnet { command: TestnetCommand::Run(TestnetArgs { nodes, dir, base_port, app }) } => {
-            run_testnet(&dir, nodes, base_port, app.into())?
-        }
+        Command::Testnet { command: TestnetCommand::Run(args) } => run_testnet(&args)?,
         Command::Start { config } => start(&config)?,
         Command::Client { dir, config, op } => {
             client(&config.unwrap_or_else(|| dir.join("client.toml")), op)?
         }
-        Command::Bench { nodes, tx_size, rate, duration, clients, base_port, json } => {
-            bench(nodes, tx_size, rate, duration, clients, base_port, json)?
+        Command::Bench(args) => bench(&args)?,
+        Command::Sim(args) => {
+            let violations = bulwark_tests::cli::run(&args)?;
+            anyhow::ensure!(violations == 0, "the simulator found {violations} violations");
         }
-        Command::Status { dir } => print_status(&load_client_config(&dir.join("client.toml"))?.1)?,
+        Command::Status { dir, config, json } => print_status(&dir, config.as_deref(), json)?,
     }
     Ok(())
 }
@@ -357,64 +401,44 @@ fn show(result: &[u8]) -> String {
     }
 }
 
-/// One metric scrape of a replica: name -> value for the metrics we show.
-fn scrape(address: &str) -> Option<std::collections::BTreeMap<String, f64>> {
-    let addr: SocketAddr = address.parse().ok()?;
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(300)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(1))).ok()?;
-    stream.write_all(b"GET /metrics HTTP/1.1\r\nhost: bulwark\r\n\r\n").ok()?;
-    let mut body = String::new();
-    stream.read_to_string(&mut body).ok()?;
-    let mut out = std::collections::BTreeMap::new();
-    for line in body.lines().filter(|l| !l.starts_with('#')) {
-        let mut parts = line.rsplitn(2, ' ');
-        let (Some(value), Some(name)) = (parts.next(), parts.next()) else { continue };
-        if let Ok(v) = value.parse::<f64>() {
-            let name = name.trim_end_matches("_total");
-            *out.entry(name.to_string()).or_insert(0.0) += v;
+/// Where each replica of the testnet in `dir` serves its status.
+fn status_targets(dir: &Path) -> anyhow::Result<Vec<(u16, Option<String>)>> {
+    let (_, entries) = load_client_config(&dir.join("client.toml"))?;
+    Ok(entries.into_iter().map(|e| (e.id, e.metrics_address)).collect())
+}
+
+fn print_status(dir: &Path, config: Option<&Path>, json: bool) -> anyhow::Result<()> {
+    let targets = match config {
+        Some(path) => {
+            let config = NodeConfig::load(path)?;
+            if config.metrics_address.is_none() {
+                bail!(
+                    "config file {}: field `metrics_address`: not set; status is served there",
+                    path.display()
+                );
+            }
+            vec![(config.id, config.metrics_address)]
+        }
+        None => status_targets(dir)?,
+    };
+    let nodes = status::collect(&targets);
+    if json {
+        println!("{}", serde_json::to_string(&nodes)?);
+    } else {
+        for line in status::table(&nodes, None) {
+            println!("{line}");
         }
     }
-    Some(out)
-}
-
-fn status_lines(entries: &[testnet::ClientEndpointEntry]) -> Vec<String> {
-    let mut lines = vec![format!(
-        "{:<5} {:>8} {:>8} {:>12} {:>10} {:>9} {:>9}",
-        "NODE", "HEIGHT", "ROUND", "TXS", "VIEWCHG", "MEMPOOL", "EVIDENCE"
-    )];
-    for entry in entries {
-        let metrics = entry.metrics_address.as_deref().and_then(scrape);
-        let line = match metrics {
-            None => format!("{:<5} {:>8}", entry.id, "down"),
-            Some(m) => {
-                let get = |k: &str| m.get(k).copied().unwrap_or(0.0) as u64;
-                format!(
-                    "{:<5} {:>8} {:>8} {:>12} {:>10} {:>9} {:>9}",
-                    entry.id,
-                    get("bulwark_height"),
-                    get("bulwark_round"),
-                    get("bulwark_transactions_executed"),
-                    get("bulwark_view_changes"),
-                    get("bulwark_mempool_depth"),
-                    get("bulwark_evidence")
-                )
-            }
-        };
-        lines.push(line);
-    }
-    lines
-}
-
-fn print_status(entries: &[testnet::ClientEndpointEntry]) -> anyhow::Result<()> {
-    for line in status_lines(entries) {
-        println!("{line}");
-    }
+    anyhow::ensure!(nodes.iter().any(|n| n.report.is_some()), "no replica answered");
     Ok(())
 }
 
-fn run_testnet(dir: &Path, nodes: usize, base_port: u16, app: AppKind) -> anyhow::Result<()> {
+fn run_testnet(args: &TestnetArgs) -> anyhow::Result<()> {
+    let TestnetArgs { nodes, ref dir, base_port, app, force, .. } = *args;
+    // A bad list is refused before anything is written or started.
+    let byzantine = args.byzantine()?;
     if !dir.join("committee.toml").exists() {
-        testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app)?;
+        testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app.into())?;
         println!("initialized a {nodes}-replica testnet in {}", dir.display());
     }
     let (committee, entries) = load_client_config(&dir.join("client.toml"))?;
@@ -425,16 +449,23 @@ fn run_testnet(dir: &Path, nodes: usize, base_port: u16, app: AppKind) -> anyhow
             committee.size()
         );
     }
+    testnet::assign_byzantine(dir, nodes, &byzantine, force)?;
     let logs = dir.join("logs");
     let mut children = spawn_replicas(dir, nodes)?;
     println!("started {nodes} replicas of committee {:?}", committee.name());
     println!("  configs and keys: {}/node*.toml, node*.key (test keys)", dir.display());
     println!("  data:             {}/data/node*", dir.display());
-    println!("  logs:             {}/node*.log", logs.display());
+    println!("  logs and pids:    {}/node*.log, node*.pid", logs.display());
     for entry in &entries {
         if let Some(m) = &entry.metrics_address {
-            println!("  node {} metrics:   http://{m}/metrics   clients: {}", entry.id, entry.client_address);
+            println!(
+                "  node {} metrics:   http://{m}/metrics  status: http://{m}/status  clients: {}",
+                entry.id, entry.client_address
+            );
         }
+    }
+    if let Some(text) = &args.byzantine {
+        println!("  TEST ONLY: Byzantine replicas {text}");
     }
     println!("try: bulwark client --dir {} put hello world    (Ctrl-C stops the testnet)", dir.display());
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -442,12 +473,42 @@ fn run_testnet(dir: &Path, nodes: usize, base_port: u16, app: AppKind) -> anyhow
         let stop = stop.clone();
         ctrlc_handler(move || stop.store(true, std::sync::atomic::Ordering::SeqCst))?;
     }
+    // On a terminal the view redraws in place; otherwise (a log file) it is printed
+    // every PRINT_EVERY polls.
+    const PRINT_EVERY: u64 = 10;
+    let interactive = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = indicatif::ProgressBar::new_spinner();
+    let targets: Vec<(u16, Option<String>)> =
+        entries.iter().map(|e| (e.id, e.metrics_address.clone())).collect();
+    let mut previous: std::collections::BTreeMap<u16, (std::time::Instant, u64)> = Default::default();
+    let mut exited = vec![false; children.len()];
+    let mut polls = 0u64;
     while !stop.load(std::sync::atomic::Ordering::SeqCst) {
-        bar.set_message(status_lines(&entries).join("\n"));
-        bar.tick();
+        let nodes = status::collect(&targets);
+        let now = std::time::Instant::now();
+        let mut rates = std::collections::BTreeMap::new();
+        for node in &nodes {
+            let Some(report) = &node.report else { continue };
+            if let Some((at, executed)) = previous.get(&node.id) {
+                let seconds = now.duration_since(*at).as_secs_f64().max(0.001);
+                rates
+                    .insert(node.id, report.transactions_executed.saturating_sub(*executed) as f64 / seconds);
+            }
+            previous.insert(node.id, (now, report.transactions_executed));
+        }
+        let view = status::table(&nodes, Some(&rates)).join("\n");
+        if interactive {
+            bar.set_message(view);
+            bar.tick();
+        } else if polls % PRINT_EVERY == 3 {
+            println!("{view}");
+        }
+        polls += 1;
         for (i, child) in children.iter_mut().enumerate() {
-            if let Ok(Some(code)) = child.try_wait() {
+            if let Ok(Some(code)) = child.try_wait()
+                && !exited[i]
+            {
+                exited[i] = true;
                 bar.suspend(|| eprintln!("replica {i} exited ({code}); see {}/node{i}.log", logs.display()));
             }
         }
@@ -460,7 +521,7 @@ fn run_testnet(dir: &Path, nodes: usize, base_port: u16, app: AppKind) -> anyhow
 }
 
 /// Starts `bulwark start` for each node config of the testnet in `dir`, logging to
-/// `dir/logs/node{i}.log`.
+/// `dir/logs/node{i}.log` and its process id to `dir/logs/node{i}.pid`.
 fn spawn_replicas(dir: &Path, nodes: usize) -> anyhow::Result<Vec<Child>> {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
@@ -476,6 +537,8 @@ fn spawn_replicas(dir: &Path, nodes: usize) -> anyhow::Result<Vec<Child>> {
             .stderr(Stdio::from(log))
             .spawn()
             .with_context(|| format!("starting replica {i}"))?;
+        // So an operator (or a test) can signal one replica: kill -9 $(cat node2.pid).
+        std::fs::write(logs.join(format!("node{i}.pid")), format!("{}\n", child.id()))?;
         children.push(child);
     }
     Ok(children)
@@ -491,24 +554,42 @@ fn stop_replicas(children: &mut [Child]) {
     }
 }
 
-fn bench(
-    nodes: usize,
-    tx_size: usize,
-    rate: u64,
-    duration: u64,
-    clients: usize,
-    base_port: u16,
-    json: bool,
-) -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    testnet::init(dir.path(), nodes, base_port, &format!("bulwark-bench-{nodes}"), AppKind::Kv)?;
-    let (committee, entries) = load_client_config(&dir.path().join("client.toml"))?;
+fn bench(args: &BenchArgs) -> anyhow::Result<()> {
+    let BenchArgs { tx_size, rate, duration, clients, json, .. } = *args;
+    // A fresh testnet (stopped at the end), or the running one in --dir.
+    let fresh = match &args.dir {
+        Some(_) => None,
+        None => {
+            let dir = tempfile::tempdir()?;
+            let nodes = args.nodes;
+            testnet::init(dir.path(), nodes, args.base_port, &format!("bulwark-bench-{nodes}"), AppKind::Kv)?;
+            let children = spawn_replicas(dir.path(), nodes)?;
+            Some((dir, children))
+        }
+    };
+    let dir = match (&args.dir, &fresh) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some((temp, _))) => temp.path().to_path_buf(),
+        (None, None) => bail!("no testnet to load"),
+    };
+    let (committee, entries) = load_client_config(&dir.join("client.toml"))?;
+    let nodes = committee.size();
     let endpoints: Vec<(ReplicaId, SocketAddr)> =
         entries.iter().filter_map(|e| Some((ReplicaId(e.id), e.client_address.parse().ok()?))).collect();
-    let mut children = spawn_replicas(dir.path(), nodes)?;
-    let pids: Vec<u32> = children.iter().map(|c| c.id()).collect();
+    let pids: Vec<u32> = match &fresh {
+        Some((_, children)) => children.iter().map(|c| c.id()).collect(),
+        None => (0..nodes)
+            .map_while(|i| {
+                let pid = std::fs::read_to_string(dir.join("logs").join(format!("node{i}.pid"))).ok()?;
+                pid.trim().parse().ok()
+            })
+            .collect(),
+    };
+    // CPU per replica only when every replica's process is known.
+    let pids = if pids.len() == nodes { pids } else { Vec::new() };
+    let settle = if fresh.is_some() { Duration::from_secs(2) } else { Duration::ZERO };
     let result = runtime()?.block_on(async {
-        tokio::time::sleep(Duration::from_secs(2)).await; // let the replicas connect
+        tokio::time::sleep(settle).await; // let fresh replicas connect
         let own_before = bulwark_node::bench::process_cpu_seconds(std::process::id()).unwrap_or(0.0);
         let cpu_before: Vec<f64> =
             pids.iter().map(|p| bulwark_node::bench::process_cpu_seconds(*p).unwrap_or(0.0)).collect();
@@ -542,7 +623,9 @@ fn bench(
         let own = bulwark_node::bench::process_cpu_seconds(std::process::id()).unwrap_or(0.0) - own_before;
         measured.map(|m| bulwark_node::bench::report(nodes, tx_size, rate, m, cpu, own))
     });
-    stop_replicas(&mut children);
+    if let Some((_, mut children)) = fresh {
+        stop_replicas(&mut children);
+    }
     let report = result?;
     if !json {
         println!(

@@ -17,6 +17,14 @@ pub struct Metrics {
     registry: Registry,
     pub height: Gauge,
     pub round: Gauge,
+    /// The leader of the current round.
+    pub leader: Gauge,
+    /// Peers whose connection from this replica is up.
+    pub peers_connected: Gauge,
+    /// Messages waiting in each peer's send queue.
+    pub peer_queue_depth: Family<Labels, Gauge>,
+    /// Messages to each peer dropped because its send queue was full.
+    pub peer_queue_dropped: Family<Labels, Counter>,
     pub view_changes: Counter,
     pub quorum_certificates: Counter,
     pub timeout_certificates: Counter,
@@ -26,6 +34,11 @@ pub struct Metrics {
     pub batch_transactions: Counter,
     pub mempool_depth: Gauge,
     pub evidence: Counter,
+    /// Evidence recorded, by offender and kind.
+    pub evidence_against: Family<Labels, Counter>,
+    /// 1, labelled with the behaviours, when this replica runs a Byzantine wrapper (test
+    /// deployments only); absent on honest replicas.
+    pub byzantine: Family<Labels, Gauge>,
     pub digest_mismatches: Counter,
     pub storage_bytes: Gauge,
     /// Messages that failed verification or were refused by the protocol, by reason.
@@ -44,6 +57,10 @@ impl Default for Metrics {
         let m = Metrics {
             height: Gauge::default(),
             round: Gauge::default(),
+            leader: Gauge::default(),
+            peers_connected: Gauge::default(),
+            peer_queue_depth: Family::default(),
+            peer_queue_dropped: Family::default(),
             view_changes: Counter::default(),
             quorum_certificates: Counter::default(),
             timeout_certificates: Counter::default(),
@@ -53,6 +70,8 @@ impl Default for Metrics {
             batch_transactions: Counter::default(),
             mempool_depth: Gauge::default(),
             evidence: Counter::default(),
+            evidence_against: Family::default(),
+            byzantine: Family::default(),
             digest_mismatches: Counter::default(),
             storage_bytes: Gauge::default(),
             refused_messages: Family::default(),
@@ -63,6 +82,18 @@ impl Default for Metrics {
         };
         registry.register("height", "Highest executed height", m.height.clone());
         registry.register("round", "Current protocol round", m.round.clone());
+        registry.register("leader", "Leader of the current round", m.leader.clone());
+        registry.register("peers_connected", "Peers this replica is connected to", m.peers_connected.clone());
+        registry.register(
+            "peer_queue_depth",
+            "Messages in each peer's send queue",
+            m.peer_queue_depth.clone(),
+        );
+        registry.register(
+            "peer_queue_dropped",
+            "Messages to each peer dropped on a full send queue",
+            m.peer_queue_dropped.clone(),
+        );
         registry.register("view_changes", "Rounds entered by timeout certificate", m.view_changes.clone());
         registry.register("quorum_certificates", "QCs formed by this replica", m.quorum_certificates.clone());
         registry.register(
@@ -84,6 +115,16 @@ impl Default for Metrics {
         );
         registry.register("mempool_depth", "Pending transactions", m.mempool_depth.clone());
         registry.register("evidence", "Misbehaviour evidence recorded", m.evidence.clone());
+        registry.register(
+            "evidence_against",
+            "Misbehaviour evidence recorded, by offender and kind",
+            m.evidence_against.clone(),
+        );
+        registry.register(
+            "byzantine_test_behaviour",
+            "1 when this replica deliberately misbehaves (test deployments only), by behaviours",
+            m.byzantine.clone(),
+        );
         registry.register(
             "digest_mismatches",
             "Execution state digest mismatches",
@@ -132,13 +173,22 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until the task is dropped. `refresh` runs before
-/// each scrape (to pull in counters kept elsewhere).
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, refresh: Arc<dyn Fn() + Send + Sync>) {
+/// What the HTTP endpoint serves: Prometheus metrics, and the replica's status as JSON.
+#[derive(Clone)]
+pub struct Endpoints {
+    pub metrics: Arc<Metrics>,
+    /// Runs before each scrape (to pull in counters kept elsewhere).
+    pub refresh: Arc<dyn Fn() + Send + Sync>,
+    /// The body of `GET /status` (JSON).
+    pub status: Arc<dyn Fn() -> String + Send + Sync>,
+}
+
+/// Serves `GET /metrics` (Prometheus text format) and `GET /status` (JSON, see
+/// [`crate::status::StatusReport`]) on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, endpoints: Endpoints) {
     loop {
         let Ok((mut socket, _)) = listener.accept().await else { continue };
-        let metrics = metrics.clone();
-        let refresh = refresh.clone();
+        let endpoints = endpoints.clone();
         tokio::spawn(async move {
             let mut request = [0u8; 1024];
             let n = match tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut request))
@@ -148,13 +198,17 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>, refresh: Arc<dy
                 _ => return,
             };
             let head = String::from_utf8_lossy(&request[..n]);
-            let response = if head.starts_with("GET /metrics") {
-                refresh();
-                let body = metrics.render();
+            let ok = |content_type: &str, body: String| {
                 format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: application/openmetrics-text; version=1.0.0; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 200 OK\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 )
+            };
+            let response = if head.starts_with("GET /metrics") {
+                (endpoints.refresh)();
+                ok("application/openmetrics-text; version=1.0.0; charset=utf-8", endpoints.metrics.render())
+            } else if head.starts_with("GET /status") {
+                ok("application/json", (endpoints.status)())
             } else {
                 "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_string()
             };

@@ -5,7 +5,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bulwark_consensus::hotstuff::{Block, Config, ExecutionClaim, HotStuff, Record, Recovery, TimeoutPolicy};
+use bulwark_consensus::Protocol;
+use bulwark_consensus::byzantine::{Behaviours, Byzantine, Forger};
+use bulwark_consensus::hotstuff::{
+    Block, Config, ExecutionClaim, HotStuff, Message, Record, Recovery, TimeoutPolicy,
+};
 use bulwark_crypto::{Committee, KeyPair, ReplicaId};
 use bulwark_network::{ClientEndpoint, NetworkConfig, NetworkError, ReplicaNetwork};
 use tokio::sync::watch;
@@ -15,8 +19,9 @@ use crate::app::StateMachine;
 use crate::app::kv::KvStore;
 use crate::app::ledger::Ledger;
 use crate::executor::Executor;
-use crate::metrics::Metrics;
+use crate::metrics::{Endpoints, Metrics};
 use crate::replica::{Runtime, RuntimeConfig, RuntimeError, Status, spawn_verifier};
+use crate::status::StatusReport;
 use crate::storage::{StorageError, Store};
 
 /// Everything one replica needs to run.
@@ -36,6 +41,26 @@ pub struct ReplicaSettings {
     pub snapshot_every: u64,
     /// Which application the replica runs.
     pub app: AppKind,
+    /// TEST ONLY: run the core wrapped in these Byzantine behaviours (see
+    /// [`crate::config::NodeConfig::byzantine`]).
+    pub byzantine: Option<Behaviours>,
+}
+
+/// The core a replica runs: HotStuff, honest or (test deployments) wrapped in Byzantine
+/// behaviours. The choice is made once, here; the runtime cannot tell them apart.
+pub type Core = Box<dyn Protocol<Message = Message, Record = Record> + Send>;
+
+/// Wraps `core` in `behaviours` if any are configured. The forger's choices are seeded
+/// from the replica id, so a testnet's attack is the same on every run.
+fn choose_core(settings: &ReplicaSettings, core: HotStuff) -> Core {
+    match &settings.byzantine {
+        None => Box::new(core),
+        Some(behaviours) => {
+            let key = KeyPair::from_seed(*settings.key.secret_bytes());
+            let forger = Forger::new(settings.id, key, settings.committee.clone(), u64::from(settings.id.0));
+            Box::new(Byzantine::new(core, behaviours.clone(), forger))
+        }
+    }
 }
 
 /// The applications that ship with Bulwark.
@@ -172,10 +197,18 @@ pub async fn start_with_app<A: StateMachine>(
     let store = Store::open(&settings.data_dir, settings.committee.chain_id())?;
     let mut executor = Executor::new(app, settings.snapshot_every);
     executor.recover::<Record>(&store)?;
-    let core = recover_hotstuff(&settings, &store, &executor)?;
+    let core = choose_core(&settings, recover_hotstuff(&settings, &store, &executor)?);
     tracing::info!(replica = %settings.id, height = %executor.height(), "recovered");
+    if let Some(behaviours) = &settings.byzantine {
+        tracing::warn!(replica = %settings.id, %behaviours, "TEST ONLY: this replica runs Byzantine behaviours");
+    }
 
     let metrics = Arc::new(Metrics::default());
+    let byzantine = settings.byzantine.as_ref().map(|b| b.to_string());
+    if let Some(behaviours) = &byzantine {
+        metrics.byzantine.get_or_create(&crate::metrics::label("behaviours", behaviours)).set(1);
+    }
+    let (status_tx, status) = watch::channel(Status { byzantine: byzantine.clone(), ..Status::default() });
     let committee = Arc::new(settings.committee.clone());
     let (network, raw_inbound) = ReplicaNetwork::start(
         settings.network.clone(),
@@ -203,13 +236,20 @@ pub async fn start_with_app<A: StateMachine>(
                 Metrics::sync_counters(&m.network, "event", &network_counters.snapshot().entries());
                 Metrics::sync_counters(&m.client_network, "event", &client_counters.snapshot().entries());
             });
-            (local, Some(tokio::spawn(crate::metrics::serve(listener, metrics.clone(), refresh))))
+            let (m, watched, id, peers) =
+                (metrics.clone(), status.clone(), settings.id, settings.committee.size() - 1);
+            let status_json: Arc<dyn Fn() -> String + Send + Sync> = Arc::new(move || {
+                let report = StatusReport::new(id, &watched.borrow(), &m, peers);
+                serde_json::to_string(&report).unwrap_or_default()
+            });
+            let endpoints = Endpoints { metrics: metrics.clone(), refresh, status: status_json };
+            (local, Some(tokio::spawn(crate::metrics::serve(listener, endpoints))))
         }
         None => (None, None),
     };
 
-    let (status_tx, status) = watch::channel(Status::default());
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let peers = settings.committee.ids().filter(|p| *p != settings.id).collect();
     let runtime = Runtime::new(
         settings.id,
         core,
@@ -219,6 +259,7 @@ pub async fn start_with_app<A: StateMachine>(
         settings.runtime,
         metrics.clone(),
         status_tx,
+        peers,
     );
     let task = tokio::spawn(async move {
         let network = runtime.run(inbound, clients, shutdown_rx).await?;
@@ -258,6 +299,7 @@ mod tests {
             timeouts: TimeoutPolicy { base_ms: 1000, max_ms: 8000 },
             snapshot_every: 10,
             app: AppKind::Kv,
+            byzantine: None,
         }
     }
 

@@ -6,7 +6,7 @@
 //! protocol's order); signature verification runs on its own thread, so the core never
 //! waits on crypto; the transport runs on the tokio runtime.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +61,12 @@ pub struct Status {
     pub height: Height,
     pub state_digest: Digest,
     pub evidence: u64,
+    /// Evidence recorded, by offender.
+    pub evidence_against: BTreeMap<ReplicaId, u64>,
+    /// Peers whose connection from this replica is up (checked every second).
+    pub peers_connected: usize,
+    /// The Byzantine behaviours this replica runs (test deployments only).
+    pub byzantine: Option<String>,
     /// The state digests of the last executed heights (newest last), so replicas can
     /// be compared at one height.
     pub recent_digests: VecDeque<(Height, Digest)>,
@@ -68,6 +74,10 @@ pub struct Status {
 
 /// Heights kept in [`Status::recent_digests`].
 const RECENT_DIGESTS: usize = 256;
+
+/// How often the gauges kept elsewhere (peer connections and queues, storage size) are
+/// refreshed.
+const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 
 type Req = ClientRequest<Request, Reply>;
 
@@ -82,6 +92,8 @@ pub struct Runtime<P: Protocol, A: StateMachine> {
     started: Instant,
     metrics: Arc<Metrics>,
     status: watch::Sender<Status>,
+    /// The other replicas, for the per-peer gauges.
+    peers: Vec<ReplicaId>,
     /// Where to send the reply of each pending request.
     waiting: HashMap<(u64, u64), Vec<ReplySender<Reply>>>,
     replies: HashMap<(u64, u64), Reply>,
@@ -114,6 +126,7 @@ where
         cfg: RuntimeConfig,
         metrics: Arc<Metrics>,
         status: watch::Sender<Status>,
+        peers: Vec<ReplicaId>,
     ) -> Self {
         let mempool = Mempool::new(cfg.mempool_max_txs, cfg.mempool_max_bytes);
         Runtime {
@@ -127,6 +140,7 @@ where
             started: Instant::now(),
             metrics,
             status,
+            peers,
             waiting: HashMap::new(),
             replies: HashMap::new(),
             reply_order: VecDeque::new(),
@@ -148,6 +162,8 @@ where
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<ReplicaNetwork<P::Message>, RuntimeError> {
         self.step(Input::Start)?;
+        let mut gauges = tokio::time::interval(GAUGE_REFRESH);
+        gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let deadline = self.core.next_deadline().map(|t| self.started + Duration::from_millis(t.0));
             let payload_deadline = self.payload_wanted.as_ref().map(|(_, at)| *at);
@@ -161,6 +177,7 @@ where
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
+                _ = gauges.tick() => self.refresh_gauges(),
                 Some((from, msg)) = inbound.recv() => self.step(Input::Message { from, msg })?,
                 Some(request) = clients.recv() => {
                     self.on_client(request);
@@ -273,8 +290,16 @@ where
         // 5. Evidence and events.
         for evidence in actions.evidence {
             self.metrics.evidence.inc();
+            let labels = vec![
+                ("offender".to_string(), evidence.offender.to_string()),
+                ("kind".to_string(), format!("{:?}", evidence.kind)),
+            ];
+            self.metrics.evidence_against.get_or_create(&labels).inc();
             tracing::warn!(offender = %evidence.offender, round = %evidence.round, kind = ?evidence.kind, "misbehaviour evidence");
-            self.status.send_modify(|s| s.evidence += 1);
+            self.status.send_modify(|s| {
+                s.evidence += 1;
+                *s.evidence_against.entry(evidence.offender).or_default() += 1;
+            });
         }
         for event in actions.events {
             self.on_event(event);
@@ -282,10 +307,30 @@ where
         Ok(())
     }
 
+    fn refresh_gauges(&mut self) {
+        let connected = self.peers.iter().filter(|p| self.network.is_connected(**p)).count();
+        self.metrics.peers_connected.set(connected as i64);
+        for peer in &self.peers {
+            let labels = label("peer", &peer.to_string());
+            let queued = self.network.queue_len(*peer).unwrap_or(0);
+            self.metrics.peer_queue_depth.get_or_create(&labels).set(queued as i64);
+            let dropped = self.network.dropped(*peer).unwrap_or(0);
+            let counter = self.metrics.peer_queue_dropped.get_or_create(&labels);
+            counter.inc_by(dropped.saturating_sub(counter.get()));
+        }
+        self.metrics.storage_bytes.set(i64::try_from(self.store.size_bytes()).unwrap_or(i64::MAX));
+        self.status.send_if_modified(|s| {
+            let changed = s.peers_connected != connected;
+            s.peers_connected = connected;
+            changed
+        });
+    }
+
     fn on_event(&mut self, event: Event) {
         match event {
             Event::EnteredRound { round, leader, via_timeout } => {
                 self.metrics.round.set(round.0 as i64);
+                self.metrics.leader.set(i64::from(leader.0));
                 if via_timeout {
                     self.metrics.view_changes.inc();
                 }

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use bulwark_consensus::byzantine::Behaviours;
 use bulwark_crypto::{Committee, KeyPair};
 use serde::{Deserialize, Serialize};
 
@@ -63,13 +64,11 @@ pub fn init(dir: &Path, n: usize, base_port: u16, name: &str, app: AppKind) -> a
             metrics_address: Some(format!("127.0.0.1:{metrics_port}")),
             test_keys: true,
             app,
+            byzantine: None,
             consensus: ConsensusSection::default(),
             runtime: RuntimeSection::default(),
         };
-        std::fs::write(
-            node_config_path(dir, i),
-            format!("# Replica {i} of a local testnet (test keys).\n{}", toml::to_string(&config)?),
-        )?;
+        write_node_config(&node_config_path(dir, i), &config)?;
         client.replicas.push(ClientEndpointEntry {
             id: i as u16,
             client_address: config.client_address.clone(),
@@ -78,4 +77,111 @@ pub fn init(dir: &Path, n: usize, base_port: u16, name: &str, app: AppKind) -> a
     }
     std::fs::write(dir.join("client.toml"), toml::to_string(&client)?)?;
     Ok(())
+}
+
+/// Writes a testnet node config with its header comment.
+pub fn write_node_config(path: &Path, config: &NodeConfig) -> anyhow::Result<()> {
+    let mut text = format!("# Replica {} of a local testnet (test keys).\n", config.id);
+    if config.byzantine.is_some() {
+        text.push_str(
+            "# TEST ONLY: `byzantine` makes this replica misbehave on purpose \
+             (written by `bulwark testnet run --byzantine`).\n",
+        );
+    }
+    text.push_str(&toml::to_string(config)?);
+    std::fs::write(path, text)?;
+    Ok(())
+}
+
+/// Makes exactly the replicas in `assignments` Byzantine in the testnet of `n` replicas
+/// in `dir`: writes `byzantine = "..."` into their configs and removes it from every
+/// other config. Refuses ids outside the testnet, an id named twice, and more than f
+/// Byzantine replicas unless `force` (beyond f, safety is no longer guaranteed).
+pub fn assign_byzantine(
+    dir: &Path,
+    n: usize,
+    assignments: &[(u16, Behaviours)],
+    force: bool,
+) -> anyhow::Result<()> {
+    check_byzantine(n, assignments, force)?;
+    for i in 0..n {
+        let path = node_config_path(dir, i);
+        let mut config = NodeConfig::load(&path)?;
+        let wanted = assignments.iter().find(|(id, _)| usize::from(*id) == i).map(|(_, b)| b.to_string());
+        if config.byzantine != wanted {
+            config.byzantine = wanted;
+            write_node_config(&path, &config)?;
+        }
+    }
+    Ok(())
+}
+
+/// The checks of [`assign_byzantine`], without touching any file.
+pub fn check_byzantine(n: usize, assignments: &[(u16, Behaviours)], force: bool) -> anyhow::Result<()> {
+    let f = n.saturating_sub(1) / 3;
+    let mut seen = std::collections::BTreeSet::new();
+    for (id, _) in assignments {
+        anyhow::ensure!(
+            usize::from(*id) < n,
+            "--byzantine: replica {id} is not in this testnet (ids 0 to {})",
+            n.saturating_sub(1)
+        );
+        anyhow::ensure!(seen.insert(*id), "--byzantine: replica {id} is named twice");
+    }
+    anyhow::ensure!(
+        assignments.len() <= f || force,
+        "--byzantine names {} replicas, but a committee of {n} tolerates only f = {f}: \
+         honest replicas could diverge (add --force to run it anyway)",
+        assignments.len()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bulwark_consensus::byzantine::parse_assignments;
+
+    fn byzantine_of(dir: &Path, n: usize) -> Vec<Option<String>> {
+        (0..n).map(|i| NodeConfig::load(&node_config_path(dir, i)).unwrap().byzantine).collect()
+    }
+
+    #[test]
+    fn byzantine_assignments_are_written_replaced_and_bounded_by_f() {
+        let dir = tempfile::tempdir().unwrap();
+        init(dir.path(), 7, 7000, "byz", AppKind::Kv).unwrap();
+        let two = parse_assignments("2:equivocate,5:silent").unwrap();
+        assign_byzantine(dir.path(), 7, &two, false).unwrap();
+        let want = |i: usize| match i {
+            2 => Some("equivocate".to_string()),
+            5 => Some("silent".to_string()),
+            _ => None,
+        };
+        assert_eq!(byzantine_of(dir.path(), 7), (0..7).map(want).collect::<Vec<_>>());
+        // Every written config still loads, with the behaviours.
+        let settings = NodeConfig::load(&node_config_path(dir.path(), 2))
+            .unwrap()
+            .settings(&node_config_path(dir.path(), 2))
+            .unwrap();
+        assert_eq!(settings.byzantine.map(|b| b.to_string()).as_deref(), Some("equivocate"));
+
+        // A re-run with other assignments removes the old ones.
+        assign_byzantine(dir.path(), 7, &parse_assignments("1:double-vote").unwrap(), false).unwrap();
+        let now = byzantine_of(dir.path(), 7);
+        assert_eq!(now.iter().flatten().count(), 1);
+        assert_eq!(now[1].as_deref(), Some("double-vote"));
+
+        // More than f = 2 is refused unless forced, and nothing is written.
+        let three = parse_assignments("0:silent,3:silent,4:silent").unwrap();
+        let refused = assign_byzantine(dir.path(), 7, &three, false).unwrap_err().to_string();
+        assert!(refused.contains("f = 2") && refused.contains("--force"), "{refused}");
+        assert_eq!(byzantine_of(dir.path(), 7), now);
+        assign_byzantine(dir.path(), 7, &three, true).unwrap();
+        assert_eq!(byzantine_of(dir.path(), 7).iter().flatten().count(), 3);
+
+        let unknown = assign_byzantine(dir.path(), 7, &parse_assignments("7:silent").unwrap(), false);
+        assert!(unknown.unwrap_err().to_string().contains("replica 7 is not in this testnet"));
+        let twice = assign_byzantine(dir.path(), 7, &parse_assignments("1:silent,1:flood").unwrap(), false);
+        assert!(twice.unwrap_err().to_string().contains("named twice"));
+    }
 }

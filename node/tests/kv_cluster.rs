@@ -43,6 +43,7 @@ fn settings(c: &Cluster, i: usize) -> ReplicaSettings {
         timeouts: TimeoutPolicy { base_ms: 300, max_ms: 1200 },
         snapshot_every: 50,
         app: c.app,
+        byzantine: None,
     }
 }
 
