@@ -84,6 +84,10 @@ pub trait StoredRecord: Serialize + DeserializeOwned + Clone + fmt::Debug + Send
     /// The payload a chain record carries, so a host can leave out of a new proposal
     /// what the uncommitted ancestors already order.
     fn payload(&self) -> Option<&Payload>;
+
+    /// The log height a chain record is about: once the log is executed past it, the
+    /// record is no longer in flight.
+    fn height(&self) -> Option<Height>;
 }
 
 /// A deterministic, sans-IO protocol core.

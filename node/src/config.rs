@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bulwark_consensus::ProtocolKind;
 use bulwark_consensus::byzantine::Behaviours;
 use bulwark_consensus::hotstuff::TimeoutPolicy;
 use bulwark_crypto::{Committee, KeyPair, ReplicaId};
@@ -98,6 +99,20 @@ pub enum ConfigError {
     Field { path: String, field: &'static str, reason: String },
 }
 
+/// The protocol a committee file names (`protocol = "hotstuff"` or `"pbft"` at its top;
+/// HotStuff when absent). The rest of the file is the committee itself.
+pub fn committee_protocol(path: &Path) -> Result<ProtocolKind, String> {
+    #[derive(serde::Deserialize)]
+    struct ProtocolKey {
+        #[serde(default)]
+        protocol: ProtocolKind,
+    }
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let key: ProtocolKey =
+        toml::from_str(&text).map_err(|e| format!("{}: {}", path.display(), e.message()))?;
+    Ok(key.protocol)
+}
+
 impl NodeConfig {
     pub fn load(path: &Path) -> Result<NodeConfig, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -114,6 +129,7 @@ impl NodeConfig {
             |field: &'static str, reason: String| ConfigError::Field { path: file.clone(), field, reason };
         let committee = Committee::from_file(&base.join(&self.committee))
             .map_err(|e| field("committee", e.to_string()))?;
+        let protocol = committee_protocol(&base.join(&self.committee)).map_err(|e| field("committee", e))?;
         let id = ReplicaId(self.id);
         let member = committee
             .member(id)
@@ -150,6 +166,7 @@ impl NodeConfig {
         };
         Ok(ReplicaSettings {
             id,
+            protocol,
             committee,
             key,
             data_dir: base.join(&self.data_dir),

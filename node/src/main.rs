@@ -6,13 +6,14 @@ use std::process::{Child, Command as Process, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context as _, bail};
+use bulwark_consensus::ProtocolKind;
 use bulwark_consensus::byzantine::{Behaviours, parse_assignments};
 use bulwark_crypto::{Committee, Digest, Domain, KeyPair, QuorumSignatures, ReplicaId};
 use bulwark_network::NetworkConfig;
 use bulwark_node::app::kv::{KvOp, KvResult};
 use bulwark_node::app::ledger::{LedgerOp, LedgerResult};
 use bulwark_node::client::Client;
-use bulwark_node::config::NodeConfig;
+use bulwark_node::config::{NodeConfig, committee_protocol};
 use bulwark_node::node::{AppKind, start_replica};
 use bulwark_node::status;
 use bulwark_node::testnet::{self, ClientConfig};
@@ -105,6 +106,9 @@ struct BenchArgs {
     /// Print only the JSON report.
     #[arg(long)]
     json: bool,
+    /// The protocol of the fresh testnet: hotstuff or pbft.
+    #[arg(long, default_value = "hotstuff", conflicts_with = "dir")]
+    protocol: ProtocolKind,
 }
 
 #[derive(Subcommand)]
@@ -136,6 +140,9 @@ struct TestnetArgs {
     /// Allow more than f Byzantine replicas (safety is then no longer guaranteed).
     #[arg(long)]
     force: bool,
+    /// The consensus protocol (used when the testnet is initialized): hotstuff or pbft.
+    #[arg(long, default_value = "hotstuff")]
+    protocol: ProtocolKind,
 }
 
 impl TestnetArgs {
@@ -239,9 +246,9 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Smoke => smoke()?,
         Command::Testnet { command: TestnetCommand::Init(args) } => {
-            let TestnetArgs { nodes, ref dir, base_port, app, force, .. } = args;
+            let TestnetArgs { nodes, ref dir, base_port, app, force, protocol, .. } = args;
             let byzantine = args.byzantine()?;
-            testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app.into())?;
+            testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app.into(), protocol)?;
             testnet::assign_byzantine(dir, nodes, &byzantine, force)?;
             println!("testnet of {nodes} replicas written to {}", dir.display());
         }
@@ -434,12 +441,16 @@ fn print_status(dir: &Path, config: Option<&Path>, json: bool) -> anyhow::Result
 }
 
 fn run_testnet(args: &TestnetArgs) -> anyhow::Result<()> {
-    let TestnetArgs { nodes, ref dir, base_port, app, force, .. } = *args;
+    let TestnetArgs { nodes, ref dir, base_port, app, force, protocol, .. } = *args;
     // A bad list is refused before anything is written or started.
     let byzantine = args.byzantine()?;
     if !dir.join("committee.toml").exists() {
-        testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app.into())?;
-        println!("initialized a {nodes}-replica testnet in {}", dir.display());
+        testnet::init(dir, nodes, base_port, &format!("bulwark-testnet-{nodes}"), app.into(), protocol)?;
+        println!("initialized a {nodes}-replica {protocol} testnet in {}", dir.display());
+    }
+    let existing = committee_protocol(&dir.join("committee.toml")).map_err(anyhow::Error::msg)?;
+    if existing != protocol {
+        bail!("{} holds a {existing} testnet, not {protocol}: use another --dir", dir.display());
     }
     let (committee, entries) = load_client_config(&dir.join("client.toml"))?;
     if committee.size() != nodes {
@@ -562,7 +573,8 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         None => {
             let dir = tempfile::tempdir()?;
             let nodes = args.nodes;
-            testnet::init(dir.path(), nodes, args.base_port, &format!("bulwark-bench-{nodes}"), AppKind::Kv)?;
+            let name = format!("bulwark-bench-{nodes}");
+            testnet::init(dir.path(), nodes, args.base_port, &name, AppKind::Kv, args.protocol)?;
             let children = spawn_replicas(dir.path(), nodes)?;
             Some((dir, children))
         }

@@ -5,11 +5,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bulwark_consensus::Protocol;
-use bulwark_consensus::byzantine::{Behaviours, Byzantine, Forger};
-use bulwark_consensus::hotstuff::{
-    Block, Config, ExecutionClaim, HotStuff, Message, Record, Recovery, TimeoutPolicy,
-};
+use bulwark_consensus::byzantine::{Behaviours, Byzantine, Forgeable, Forger};
+use bulwark_consensus::hotstuff::{Block, Config, ExecutionClaim, HotStuff, Record, Recovery, TimeoutPolicy};
+use bulwark_consensus::{Protocol, ProtocolKind, StoredRecord, pbft};
 use bulwark_crypto::{Committee, KeyPair, ReplicaId};
 use bulwark_network::{ClientEndpoint, NetworkConfig, NetworkError, ReplicaNetwork};
 use tokio::sync::watch;
@@ -44,15 +42,25 @@ pub struct ReplicaSettings {
     /// TEST ONLY: run the core wrapped in these Byzantine behaviours (see
     /// [`crate::config::NodeConfig::byzantine`]).
     pub byzantine: Option<Behaviours>,
+    /// The committee's protocol (the `protocol` key of its file).
+    pub protocol: ProtocolKind,
 }
 
-/// The core a replica runs: HotStuff, honest or (test deployments) wrapped in Byzantine
-/// behaviours. The choice is made once, here; the runtime cannot tell them apart.
-pub type Core = Box<dyn Protocol<Message = Message, Record = Record> + Send>;
+/// Sequence numbers a PBFT primary keeps in flight.
+pub const PBFT_PIPELINE: u64 = 8;
+
+/// The core a replica runs: HotStuff or PBFT, honest or (test deployments) wrapped in
+/// Byzantine behaviours. The choice is made once, here; the runtime cannot tell them
+/// apart.
+pub type Core<M, R> = Box<dyn Protocol<Message = M, Record = R> + Send>;
 
 /// Wraps `core` in `behaviours` if any are configured. The forger's choices are seeded
 /// from the replica id, so a testnet's attack is the same on every run.
-fn choose_core(settings: &ReplicaSettings, core: HotStuff) -> Core {
+fn choose_core<P>(settings: &ReplicaSettings, core: P) -> Core<P::Message, P::Record>
+where
+    P: Protocol + Send + 'static,
+    P::Message: Forgeable,
+{
     match &settings.byzantine {
         None => Box::new(core),
         Some(behaviours) => {
@@ -172,7 +180,41 @@ fn recover_hotstuff<A: StateMachine>(
     Ok(HotStuff::recover(cfg, recovery))
 }
 
-/// Starts a HotStuff replica running the application `settings.app` names.
+/// Builds a PBFT core from what the store holds and what was executed.
+fn recover_pbft<A: StateMachine>(
+    settings: &ReplicaSettings,
+    store: &Store,
+    executor: &Executor<A>,
+) -> Result<pbft::Pbft, StorageError> {
+    let safety = match store.safety::<pbft::Record>()? {
+        Some(pbft::Record::Safety(state)) => Some(state),
+        _ => None,
+    };
+    let executed = executor.height();
+    let oldest = executed.0.saturating_sub(pbft::LOG_INDEX_KEPT as u64);
+    let records = store
+        .all_chain_records::<pbft::Record>()?
+        .into_iter()
+        .filter(|r| r.height().is_some_and(|h| h.0 > oldest))
+        .collect();
+    let cfg = pbft::Config {
+        id: settings.id,
+        committee: settings.committee.clone(),
+        key: KeyPair::from_seed(*settings.key.secret_bytes()),
+        timeouts: settings.timeouts,
+        pipeline: PBFT_PIPELINE,
+    };
+    let recovery = pbft::Recovery {
+        safety,
+        executed,
+        executed_state: executor.state_digest(),
+        executed_log: (executed.0 > 0).then(|| executor.last_block()),
+        records,
+    };
+    Ok(pbft::Pbft::recover(cfg, recovery))
+}
+
+/// Starts a replica running the application `settings.app` names.
 pub async fn start_replica(settings: ReplicaSettings) -> Result<RunningReplica, NodeError> {
     match settings.app {
         AppKind::Kv => start_with_app(settings, KvStore::default()).await,
@@ -183,7 +225,7 @@ pub async fn start_replica(settings: ReplicaSettings) -> Result<RunningReplica, 
     }
 }
 
-/// Starts a HotStuff replica running `app`.
+/// Starts a replica of the committee's protocol running `app`.
 pub async fn start_with_app<A: StateMachine>(
     settings: ReplicaSettings,
     app: A,
@@ -196,9 +238,34 @@ pub async fn start_with_app<A: StateMachine>(
         .map_err(|e| StorageError::Open { path: settings.data_dir.clone(), reason: e.to_string() })?;
     let store = Store::open(&settings.data_dir, settings.committee.chain_id())?;
     let mut executor = Executor::new(app, settings.snapshot_every);
-    executor.recover::<Record>(&store)?;
-    let core = choose_core(&settings, recover_hotstuff(&settings, &store, &executor)?);
-    tracing::info!(replica = %settings.id, height = %executor.height(), "recovered");
+    match settings.protocol {
+        ProtocolKind::HotStuff => {
+            executor.recover::<Record>(&store)?;
+            let core = choose_core(&settings, recover_hotstuff(&settings, &store, &executor)?);
+            launch(settings, store, executor, core).await
+        }
+        ProtocolKind::Pbft => {
+            executor.recover::<pbft::Record>(&store)?;
+            let core = choose_core(&settings, recover_pbft(&settings, &store, &executor)?);
+            launch(settings, store, executor, core).await
+        }
+    }
+}
+
+/// Runs a recovered core: transport, verification, client endpoint, metrics and the
+/// runtime.
+async fn launch<A, M, R>(
+    settings: ReplicaSettings,
+    store: Store,
+    executor: Executor<A>,
+    core: Core<M, R>,
+) -> Result<RunningReplica, NodeError>
+where
+    A: StateMachine,
+    M: bulwark_consensus::WireMessage + Sync,
+    R: StoredRecord,
+{
+    tracing::info!(replica = %settings.id, protocol = %settings.protocol, height = %executor.height(), "recovered");
     if let Some(behaviours) = &settings.byzantine {
         tracing::warn!(replica = %settings.id, %behaviours, "TEST ONLY: this replica runs Byzantine behaviours");
     }
@@ -300,6 +367,7 @@ mod tests {
             snapshot_every: 10,
             app: AppKind::Kv,
             byzantine: None,
+            protocol: ProtocolKind::HotStuff,
         }
     }
 

@@ -81,6 +81,10 @@ const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 
 type Req = ClientRequest<Request, Reply>;
 
+/// A chain record whose payload is not executed yet: its parent, the height it is
+/// about, and the (client, sequence) keys it orders.
+type InFlight = (Digest, Height, Vec<(u64, u64)>);
+
 pub struct Runtime<P: Protocol, A: StateMachine> {
     me: ReplicaId,
     core: P,
@@ -99,7 +103,7 @@ pub struct Runtime<P: Protocol, A: StateMachine> {
     replies: HashMap<(u64, u64), Reply>,
     reply_order: VecDeque<(u64, u64)>,
     /// Transaction keys of stored, not yet executed blocks: digest -> (parent, keys).
-    pending_chain: HashMap<Digest, (Digest, Vec<(u64, u64)>)>,
+    pending_chain: HashMap<Digest, InFlight>,
     /// A payload request waiting for transactions (or for the idle delay).
     payload_wanted: Option<(PayloadRequest, Instant)>,
 }
@@ -219,9 +223,12 @@ where
         // 1. Durable before anything leaves (a vote never precedes its safety state).
         tokio::task::block_in_place(|| self.store.persist(&actions.persist))?;
         for record in &actions.persist {
-            if let (Some((digest, parent)), Some(payload)) = (record.chain_link(), record.payload()) {
+            if let (Some((digest, parent)), Some(payload), Some(height)) =
+                (record.chain_link(), record.payload(), record.height())
+                && height > self.executor.height()
+            {
                 let keys = decode_batch(payload).iter().map(|t| (t.client, t.sequence)).collect();
-                self.pending_chain.insert(digest, (parent, keys));
+                self.pending_chain.insert(digest, (parent, height, keys));
             }
         }
         // 2. Send.
@@ -256,7 +263,9 @@ where
                 self.remember_reply(key, reply);
             }
             self.mempool.remove_executed(&done);
-            self.pending_chain.remove(&block.digest);
+            // What the executed log covers is no longer in flight (abandoned forks too).
+            let executed = self.executor.height();
+            self.pending_chain.retain(|_, (_, height, _)| *height > executed);
             if self.executor.snapshot_due() {
                 let snapshot = self.executor.snapshot();
                 tokio::task::block_in_place(|| self.store.save_snapshot(&snapshot))?;
@@ -375,7 +384,7 @@ where
         let mut exclude = HashSet::new();
         let mut cursor = request.parent;
         while cursor != self.executor.last_block() {
-            let Some((parent, keys)) = self.pending_chain.get(&cursor) else { break };
+            let Some((parent, _, keys)) = self.pending_chain.get(&cursor) else { break };
             exclude.extend(keys.iter().copied());
             cursor = *parent;
         }

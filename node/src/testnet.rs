@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use bulwark_consensus::ProtocolKind;
 use bulwark_consensus::byzantine::Behaviours;
 use bulwark_crypto::{Committee, KeyPair};
 use serde::{Deserialize, Serialize};
@@ -41,7 +42,14 @@ pub fn node_config_path(dir: &Path, i: usize) -> PathBuf {
 
 /// Writes a testnet of `n` replicas into `dir` (which must not hold one yet): test keys
 /// (marked), `committee.toml`, `node{i}.toml` and `client.toml`.
-pub fn init(dir: &Path, n: usize, base_port: u16, name: &str, app: AppKind) -> anyhow::Result<()> {
+pub fn init(
+    dir: &Path,
+    n: usize,
+    base_port: u16,
+    name: &str,
+    app: AppKind,
+    protocol: ProtocolKind,
+) -> anyhow::Result<()> {
     anyhow::ensure!(n >= 4, "a committee needs at least 4 replicas");
     anyhow::ensure!(!dir.join("committee.toml").exists(), "{} already holds a testnet", dir.display());
     std::fs::create_dir_all(dir)?;
@@ -49,7 +57,12 @@ pub fn init(dir: &Path, n: usize, base_port: u16, name: &str, app: AppKind) -> a
     let committee = Committee::from_keys(name, &keys, |i| format!("127.0.0.1:{}", ports(base_port, i).0))?;
     std::fs::write(
         dir.join("committee.toml"),
-        format!("# Bulwark committee: every replica and client uses the same file.\n{}", committee.to_toml()),
+        format!(
+            "# Bulwark committee: every replica and client uses the same file.\n\
+             # The consensus protocol every replica runs: \"hotstuff\" or \"pbft\".\n\
+             protocol = \"{protocol}\"\n{}",
+            committee.to_toml()
+        ),
     )?;
     let mut client = ClientConfig { committee: "committee.toml".into(), replicas: Vec::new() };
     for (i, key) in keys.iter().enumerate() {
@@ -149,7 +162,7 @@ mod tests {
     #[test]
     fn byzantine_assignments_are_written_replaced_and_bounded_by_f() {
         let dir = tempfile::tempdir().unwrap();
-        init(dir.path(), 7, 7000, "byz", AppKind::Kv).unwrap();
+        init(dir.path(), 7, 7000, "byz", AppKind::Kv, ProtocolKind::HotStuff).unwrap();
         let two = parse_assignments("2:equivocate,5:silent").unwrap();
         assign_byzantine(dir.path(), 7, &two, false).unwrap();
         let want = |i: usize| match i {

@@ -3,6 +3,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use bulwark_consensus::ProtocolKind;
 use bulwark_consensus::hotstuff::TimeoutPolicy;
 use bulwark_crypto::{Committee, KeyPair, ReplicaId};
 use bulwark_network::NetworkConfig;
@@ -13,6 +14,7 @@ use bulwark_node::replica::RuntimeConfig;
 
 struct Cluster {
     app: AppKind,
+    protocol: ProtocolKind,
     committee: Committee,
     keys: Vec<KeyPair>,
     dirs: Vec<tempfile::TempDir>,
@@ -44,6 +46,7 @@ fn settings(c: &Cluster, i: usize) -> ReplicaSettings {
         snapshot_every: 50,
         app: c.app,
         byzantine: None,
+        protocol: c.protocol,
     }
 }
 
@@ -53,12 +56,17 @@ impl Cluster {
     }
 
     async fn start_app(n: usize, app: AppKind) -> Cluster {
+        Cluster::start_with(n, app, ProtocolKind::HotStuff).await
+    }
+
+    async fn start_with(n: usize, app: AppKind, protocol: ProtocolKind) -> Cluster {
         let keys: Vec<KeyPair> = (0..n).map(|_| KeyPair::generate()).collect();
         let committee =
             Committee::from_keys("kv-cluster-test", &keys, |_| format!("127.0.0.1:{}", free_udp_port()))
                 .expect("committee");
         let mut cluster = Cluster {
             app,
+            protocol,
             committee,
             keys,
             dirs: (0..n).map(|_| tempfile::tempdir().expect("tempdir")).collect(),
@@ -117,8 +125,8 @@ fn get(i: usize) -> Vec<u8> {
     KvOp::Get { key: format!("key-{i:05}").into_bytes() }.encode()
 }
 
-async fn write_then_read(n: usize, keys: usize) {
-    let cluster = Cluster::start(n).await;
+async fn write_then_read(n: usize, keys: usize, protocol: ProtocolKind) {
+    let cluster = Cluster::start_with(n, AppKind::Kv, protocol).await;
     let mut client = cluster.client().await;
     for i in 0..keys {
         client.submit(put(i)).await;
@@ -150,43 +158,60 @@ async fn write_then_read(n: usize, keys: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn four_replicas_write_and_read_1000_keys() {
-    write_then_read(4, 1000).await;
+    write_then_read(4, 1000, ProtocolKind::HotStuff).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pbft_four_replicas_write_and_read_1000_keys() {
+    write_then_read(4, 1000, ProtocolKind::Pbft).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn seven_replicas_write_and_read_1000_keys() {
-    write_then_read(7, 1000).await;
+    write_then_read(7, 1000, ProtocolKind::HotStuff).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_restarted_replica_catches_up_to_the_same_state() {
-    let mut cluster = Cluster::start(4).await;
+    restarted_replica_catches_up(ProtocolKind::HotStuff, 3).await;
+}
+
+/// PBFT: kill the primary of view 0 under load; a view change replaces it, writes go
+/// on, and the restarted replica catches up (state transfer) to the same digests.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pbft_a_killed_primary_is_replaced_and_catches_up_after_restart() {
+    restarted_replica_catches_up(ProtocolKind::Pbft, 0).await;
+}
+
+async fn restarted_replica_catches_up(protocol: ProtocolKind, victim: usize) {
+    let mut cluster = Cluster::start_with(4, AppKind::Kv, protocol).await;
     let mut client = cluster.client().await;
     for i in 0..100 {
         client.execute(put(i)).await.expect("write");
         if i == 30 {
-            // Crash replica 3 (no clean shutdown) while writes go on.
-            cluster.replicas[3].take().expect("running").kill().await;
+            // Crash the victim (no clean shutdown) while writes go on.
+            cluster.replicas[victim].take().expect("running").kill().await;
         }
     }
-    let replica = start_replica(settings(&cluster, 3)).await.expect("restart");
-    cluster.replicas[3] = Some(replica);
+    let replica = start_replica(settings(&cluster, victim)).await.expect("restart");
+    cluster.replicas[victim] = Some(replica);
+    let other = (victim + 1) % 4;
     // The restarted replica must reach the others' height with the same digest.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         client.execute(put(1_000)).await.expect("write");
         let statuses: Vec<_> = cluster.replicas.iter().flatten().map(|r| r.status.borrow().clone()).collect();
-        let target = statuses[0].height;
-        if statuses[3].height >= target {
+        let target = statuses[other].height;
+        if statuses[victim].height >= target {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "replica 3 did not catch up: {statuses:?}");
+        assert!(tokio::time::Instant::now() < deadline, "replica {victim} did not catch up: {statuses:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     // Compare digests at the heights both replicas executed recently.
     let history =
         |i: usize| cluster.replicas[i].as_ref().expect("running").status.borrow().recent_digests.clone();
-    let (ours, theirs) = (history(3), history(0));
+    let (ours, theirs) = (history(victim), history(other));
     let common: Vec<_> = ours.iter().filter(|entry| theirs.contains(entry)).collect();
     let heights: std::collections::HashSet<_> = theirs.iter().map(|(h, _)| *h).collect();
     for (height, digest) in &ours {

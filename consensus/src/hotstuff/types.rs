@@ -395,4 +395,11 @@ impl StoredRecord for Record {
             Record::Safety(_) => None,
         }
     }
+
+    fn height(&self) -> Option<Height> {
+        match self {
+            Record::Block(b) => Some(b.height),
+            Record::Safety(_) => None,
+        }
+    }
 }

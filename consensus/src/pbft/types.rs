@@ -21,7 +21,7 @@ pub const CHECKPOINT_INTERVAL: u64 = 16;
 /// (the window `(h, h + WINDOW]`).
 pub const WINDOW: u64 = 4 * CHECKPOINT_INTERVAL;
 /// Most committed entries one state-transfer answer carries.
-pub const MAX_FETCH_ENTRIES: usize = 8;
+pub const MAX_FETCH_ENTRIES: usize = 4;
 
 /// The primary of `view`: committee members in id order, one view each.
 pub fn primary(committee: &Committee, view: Round) -> ReplicaId {
@@ -560,6 +560,14 @@ impl StoredRecord for Record {
             Record::Safety(_) => None,
             Record::Batch(b) => Some(&b.payload),
             Record::Committed(e) => Some(&e.payload),
+        }
+    }
+
+    fn height(&self) -> Option<Height> {
+        match self {
+            Record::Safety(_) => None,
+            Record::Batch(b) => Some(b.order.seq),
+            Record::Committed(e) => Some(e.seq()),
         }
     }
 }
