@@ -83,6 +83,8 @@ pub struct Pbft {
     wanted_payloads: BTreeSet<Digest>,
     progress_deadline: Option<Time>,
     retry_deadline: Option<Time>,
+    /// A state-transfer request is out until then.
+    fetch_deadline: Option<Time>,
     /// While changing views: when our view change is sent again (messages before GST
     /// may be lost, and a view change nobody heard would stall us).
     resend_deadline: Option<Time>,
@@ -129,6 +131,7 @@ impl Pbft {
             wanted_payloads: BTreeSet::new(),
             progress_deadline: None,
             retry_deadline: None,
+            fetch_deadline: None,
             resend_deadline: None,
             fetch_turn: 0,
             recovered: Vec::new(),
@@ -645,7 +648,7 @@ impl Pbft {
         if self.delivered >= self.stable.seq() {
             return;
         }
-        if self.retry_deadline.is_some_and(|at| at > now) {
+        if self.fetch_deadline.is_some_and(|at| at > now) {
             return; // a request is out
         }
         let signers: Vec<ReplicaId> =
@@ -656,7 +659,7 @@ impl Pbft {
         let peer = signers[self.fetch_turn % signers.len()];
         self.fetch_turn += 1;
         self.send_to(peer, Message::FetchLog { after: self.delivered, max: MAX_FETCH_ENTRIES as u32 });
-        self.retry_deadline = Some(now.plus_millis(self.cfg.timeouts.base_ms));
+        self.fetch_deadline = Some(now.plus_millis(self.cfg.timeouts.base_ms));
     }
 
     fn on_fetch_log(&mut self, from: ReplicaId, after: Height, max: u32) {
@@ -672,7 +675,7 @@ impl Pbft {
     }
 
     fn on_loaded(&mut self, request: LoadRequest, records: Vec<Record>) {
-        let mut entries: Vec<CommittedEntry> = records
+        let mut newest_first: Vec<CommittedEntry> = records
             .into_iter()
             .filter_map(|r| match r {
                 Record::Committed(e) => Some(e),
@@ -680,7 +683,18 @@ impl Pbft {
             })
             .take(MAX_FETCH_ENTRIES)
             .collect();
-        entries.reverse();
+        newest_first.reverse();
+        // The oldest first, within the byte budget (the first one always goes).
+        let mut bytes = 0;
+        let entries: Vec<CommittedEntry> = newest_first
+            .into_iter()
+            .enumerate()
+            .take_while(|(i, e)| {
+                bytes += if *i == 0 { 0 } else { e.payload.0.len() };
+                bytes <= MAX_FETCH_BYTES
+            })
+            .map(|(_, e)| e)
+            .collect();
         if !entries.is_empty() {
             self.send_to(request.requester, Message::LogEntries(entries));
         }
@@ -700,7 +714,7 @@ impl Pbft {
             progressed = true;
         }
         if progressed {
-            self.retry_deadline = None;
+            self.fetch_deadline = None;
             self.deliver(now);
         }
     }
@@ -931,6 +945,9 @@ impl Pbft {
                 }
                 self.arm_retry(now);
             }
+        }
+        if self.fetch_deadline.is_some_and(|at| at <= now) {
+            self.fetch_deadline = None;
             self.ensure_fetching(now);
         }
     }
@@ -939,6 +956,8 @@ impl Pbft {
         for entry in std::mem::take(&mut self.recovered) {
             self.commit_entry(now, entry);
         }
+        let (round, leader) = (self.view, self.primary_of(self.view));
+        self.out.events.push(Event::EnteredRound { round, leader, via_timeout: false });
         self.progress_deadline = Some(now.plus_millis(self.timeout_ms()));
         if self.changing {
             self.broadcast_view_change(now);
@@ -1006,7 +1025,10 @@ impl Protocol for Pbft {
     }
 
     fn next_deadline(&self) -> Option<Time> {
-        [self.progress_deadline, self.retry_deadline, self.resend_deadline].into_iter().flatten().min()
+        [self.progress_deadline, self.retry_deadline, self.fetch_deadline, self.resend_deadline]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     fn id(&self) -> ReplicaId {

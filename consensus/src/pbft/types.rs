@@ -21,7 +21,9 @@ pub const CHECKPOINT_INTERVAL: u64 = 16;
 /// (the window `(h, h + WINDOW]`).
 pub const WINDOW: u64 = 4 * CHECKPOINT_INTERVAL;
 /// Most committed entries one state-transfer answer carries.
-pub const MAX_FETCH_ENTRIES: usize = 4;
+pub const MAX_FETCH_ENTRIES: usize = 64;
+/// Payload bytes one state-transfer answer carries at most (beyond its first entry).
+pub const MAX_FETCH_BYTES: usize = 4 << 20;
 
 /// The primary of `view`: committee members in id order, one view each.
 pub fn primary(committee: &Committee, view: Round) -> ReplicaId {
@@ -473,6 +475,10 @@ impl Verify for Message {
                 if entries.is_empty() || entries.len() > MAX_FETCH_ENTRIES {
                     return Err(VerifyError::Malformed("entry count out of range"));
                 }
+                let bytes: usize = entries.iter().skip(1).map(|e| e.payload.0.len()).sum();
+                if bytes > MAX_FETCH_BYTES {
+                    return Err(VerifyError::Malformed("entries too large"));
+                }
                 for pair in entries.windows(2) {
                     if pair[1].seq() != pair[0].seq().next() || pair[1].parent != pair[0].log_digest() {
                         return Err(VerifyError::Malformed("entries are not consecutive"));
@@ -492,9 +498,9 @@ impl Verify for Message {
 }
 
 impl WireMessage for Message {
-    // A state-transfer answer of full payloads, with room for certificates; a new
-    // view with 2f+1 view changes of a full window stays far below.
-    const MAX_ENCODED_BYTES: usize = MAX_FETCH_ENTRIES * (MAX_PAYLOAD_BYTES + 4096) + (1 << 20);
+    // A state-transfer answer (its byte budget, one full entry beyond it, and room for
+    // certificates); a new view with 2f+1 view changes of a full window stays below.
+    const MAX_ENCODED_BYTES: usize = MAX_FETCH_BYTES + MAX_PAYLOAD_BYTES + MAX_FETCH_ENTRIES * 8192;
 }
 
 /// The state a restarted replica must not contradict.

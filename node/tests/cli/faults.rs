@@ -126,7 +126,17 @@ fn assert_all_present(
 
 #[test]
 fn killing_the_leader_under_load_loses_no_acknowledged_write_and_it_catches_up_after_restart() {
-    let mut net = Testnet::init(4, &[]);
+    kill_the_leader_under_load(&[]);
+}
+
+/// The same with PBFT: the primary is killed, a view change replaces it.
+#[test]
+fn pbft_killing_the_primary_under_load_loses_no_acknowledged_write_and_it_catches_up_after_restart() {
+    kill_the_leader_under_load(&["--protocol", "pbft"]);
+}
+
+fn kill_the_leader_under_load(init_args: &[&str]) {
+    let mut net = Testnet::init(4, init_args);
     net.start_all();
     net.wait_for("every replica up and committing", Duration::from_secs(30), |s| {
         s.iter().all(|n| n.report.as_ref().is_some_and(|r| r.height > 0 && r.peers_connected == 3))
