@@ -159,3 +159,29 @@ fn byzantine_replicas_are_shown_their_evidence_reported_and_honest_replicas_agre
     assert!(config.contains("byzantine = \"equivocate\"") && config.contains("TEST ONLY"), "{config}");
     assert!(!std::fs::read_to_string(net.config(0)).expect("node0.toml").contains("byzantine"));
 }
+
+/// `testnet run --protocol pbft`: the same client and status work over PBFT replicas.
+#[test]
+fn a_pbft_testnet_serves_the_same_client_and_status() {
+    let mut net = Testnet::init(4, &["--protocol", "pbft"]);
+    net.run(&["--protocol", "pbft"]);
+    net.wait_for("every replica up, connected and committing", Duration::from_secs(30), |s| {
+        s.iter().all(|n| n.report.as_ref().is_some_and(|r| r.height > 0 && r.peers_connected == 3))
+    });
+    let put = ok(&net.client(&["put", "alpha", "1"]));
+    assert!(put.starts_with("ok (height ") && put.contains("matching replies from replicas"), "{put}");
+    assert!(ok(&net.client(&["get", "alpha"])).starts_with("1 (height "));
+    // Every replica names the same primary (the view's, whatever view startup reached).
+    let primaries = |s: &[bulwark_node::status::NodeStatus]| {
+        s.iter().filter_map(|n| n.report.as_ref()?.leader).collect::<std::collections::BTreeSet<_>>().len()
+    };
+    net.wait_for("a common height and one primary", Duration::from_secs(20), |s| {
+        assert_same_digests(s, &[0, 1, 2, 3]) > 0 && primaries(s) == 1
+    });
+    // The directory is a PBFT testnet now: running it as HotStuff is refused.
+    net.interrupt_runner();
+    let dir = net.dir_arg();
+    let out = bulwark(&["testnet", "run", "--nodes", "4", "--dir", &dir], Duration::from_secs(20));
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("holds a pbft testnet, not hotstuff"), "{}", text(&out.stderr));
+}
