@@ -235,8 +235,9 @@ fn main() -> anyhow::Result<()> {
         Command::CheckCommittee { path } => {
             let committee =
                 Committee::from_file(&path).with_context(|| format!("committee file {}", path.display()))?;
+            let protocol = committee_protocol(&path).map_err(anyhow::Error::msg)?;
             println!(
-                "committee {:?}: n = {}, f = {}, quorum = {}, chain id {}",
+                "committee {:?}: protocol {protocol}, n = {}, f = {}, quorum = {}, chain id {}",
                 committee.name(),
                 committee.size(),
                 committee.max_faulty(),
