@@ -1,9 +1,11 @@
-//! HotStuff under the deterministic simulator: many seeds of random delays, loss,
+//! HotStuff (and, for restarts and determinism, PBFT; its seeds are in `pbft.rs`) under
+//! the deterministic simulator: many seeds of random delays, loss,
 //! duplication, partitions that heal at GST, and crash-restarts of up to f replicas
 //! (and, in some seeds, of the whole committee). Every seed must end with 0 violations
 //! and at least 50 blocks committed after GST. A failure prints its replay command.
 
-use bulwark_tests::sim::{HotStuffHarness, SimConfig, SimReport, Simulation, run_hotstuff_seed};
+use bulwark_consensus::ProtocolKind;
+use bulwark_tests::sim::{SimConfig, SimReport, run_hotstuff_seed, run_scenario};
 
 fn run_seeds(nodes: usize, seeds: std::ops::Range<u64>) -> Vec<SimReport> {
     let mut reports = Vec::new();
@@ -56,32 +58,53 @@ seed_chunks! {
 }
 
 /// The whole committee crashes at once, each replica right after its next persist
-/// (e.g. a vote durable but not sent) or 200 ms later, and restarts from its disk.
-#[test]
-fn whole_committee_restart_resumes_from_what_was_persisted() {
+/// (a vote, prepare or view change durable but not sent) or 200 ms later, and restarts
+/// from its disk; before GST this often lands inside a view change.
+fn whole_committee_restart(protocol: ProtocolKind, seeds: std::ops::Range<u64>) {
     for nodes in [4, 7] {
-        for seed in 1_000..1_025 {
-            let mut cfg = SimConfig::from_seed(nodes, seed);
+        for seed in seeds.clone() {
+            let mut cfg = SimConfig::from_seed(nodes, seed).with_protocol(protocol);
             let gst = cfg.network.gst.0;
             let down = bulwark_consensus::Time(gst / 2);
             cfg.whole_committee_restart = Some((down, down.plus_millis(300 + seed % 1_000)));
-            let report =
-                Simulation::new(HotStuffHarness::new(nodes), cfg).run().unwrap_or_else(|f| panic!("{f}"));
+            let report = run_scenario(cfg).unwrap_or_else(|f| panic!("{f}"));
             assert!(report.blocks_after_gst >= 50, "seed {seed}");
         }
     }
 }
 
 #[test]
-fn same_seed_same_trace() {
+fn whole_committee_restart_resumes_from_what_was_persisted() {
+    whole_committee_restart(ProtocolKind::HotStuff, 1_000..1_025);
+}
+
+#[test]
+fn pbft_whole_committee_restart_resumes_from_what_was_persisted() {
+    whole_committee_restart(ProtocolKind::Pbft, 1_000..1_020);
+}
+
+fn same_seed_same_trace(protocol: ProtocolKind) {
+    let run = |nodes: usize, seed: u64| {
+        run_scenario(SimConfig::from_seed(nodes, seed).with_protocol(protocol))
+            .unwrap_or_else(|f| panic!("{f}"))
+    };
     for (nodes, seed) in [(4, 17), (7, 3)] {
-        let first = run_hotstuff_seed(nodes, seed).unwrap_or_else(|f| panic!("{f}"));
-        let second = run_hotstuff_seed(nodes, seed).unwrap_or_else(|f| panic!("{f}"));
+        let (first, second) = (run(nodes, seed), run(nodes, seed));
         assert_eq!(first.trace_digest, second.trace_digest);
         assert_eq!((first.steps, first.messages_delivered), (second.steps, second.messages_delivered));
-        let other = run_hotstuff_seed(nodes, seed + 1).unwrap_or_else(|f| panic!("{f}"));
+        let other = run(nodes, seed + 1);
         assert_ne!(first.trace_digest, other.trace_digest, "different seeds, different runs");
     }
+}
+
+#[test]
+fn hotstuff_same_seed_same_trace() {
+    same_seed_same_trace(ProtocolKind::HotStuff);
+}
+
+#[test]
+fn pbft_same_seed_same_trace() {
+    same_seed_same_trace(ProtocolKind::Pbft);
 }
 
 /// Built only with `--features unsafe-one-chain-commit` (see scripts/test): the core

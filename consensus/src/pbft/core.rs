@@ -64,6 +64,10 @@ pub struct Pbft {
     stable: CheckpointCert,
     slots: BTreeMap<Height, Slot>,
     payloads: HashMap<Digest, Payload>,
+    /// The highest sequence number each kept payload was accepted or wanted at: a
+    /// payload is kept until that sequence number is stable, even across a view change
+    /// that clears the orders naming it (a new view may bring it back).
+    payload_seqs: HashMap<Digest, Height>,
     next_seq: Height,
     /// The last sequence number handed to execution, and the log digest after it.
     delivered: Height,
@@ -117,6 +121,7 @@ impl Pbft {
             stable: genesis.clone(),
             slots: BTreeMap::new(),
             payloads: HashMap::new(),
+            payload_seqs: HashMap::new(),
             next_seq: Height(1),
             delivered: recovery.executed,
             delivered_log: recovery.executed_log.unwrap_or(genesis.data.log),
@@ -162,7 +167,7 @@ impl Pbft {
         for record in recovery.records {
             match record {
                 Record::Batch(b) if b.order.seq > pbft.stable.seq() => {
-                    pbft.payloads.insert(b.order.digest, b.payload);
+                    pbft.keep_payload(b.order.seq, b.order.digest, b.payload);
                 }
                 Record::Committed(e) => {
                     if e.seq() <= recovery.executed {
@@ -307,8 +312,14 @@ impl Pbft {
     /// so the host can see everything in flight.
     fn store_batch(&mut self, order: Order, payload: Payload) {
         let previous = self.previous_key(order.seq);
-        self.payloads.insert(order.digest, payload.clone());
+        self.keep_payload(order.seq, order.digest, payload.clone());
         self.out.persist.push(Record::Batch(BatchRecord { order, payload, previous }));
+    }
+
+    fn keep_payload(&mut self, seq: Height, digest: Digest, payload: Payload) {
+        let at = self.payload_seqs.entry(digest).or_default();
+        *at = (*at).max(seq);
+        self.payloads.insert(digest, payload);
     }
 
     /// The batch key of the sequence number before `seq` if it is still in flight.
@@ -477,7 +488,7 @@ impl Pbft {
             }
             let Some(cert) = self.slots.get(&next).and_then(|s| s.committed.clone()) else { break };
             let Some(payload) = self.payloads.get(&cert.order.digest).cloned() else {
-                self.want_payload(now, cert.order.digest);
+                self.want_payload(now, next, cert.order.digest);
                 break;
             };
             let entry = CommittedEntry { cert, payload, parent: self.delivered_log };
@@ -514,7 +525,9 @@ impl Pbft {
         }
     }
 
-    fn want_payload(&mut self, now: Time, digest: Digest) {
+    fn want_payload(&mut self, now: Time, seq: Height, digest: Digest) {
+        let at = self.payload_seqs.entry(digest).or_default();
+        *at = (*at).max(seq);
         if self.wanted_payloads.insert(digest) {
             self.broadcast(Message::FetchPayload(digest));
             self.arm_retry(now);
@@ -624,19 +637,10 @@ impl Pbft {
         for kept in self.checkpoints.values_mut() {
             kept.retain(|c| c.value.seq > seq);
         }
-        let live: BTreeSet<Digest> = self
-            .slots
-            .values()
-            .flat_map(|s| {
-                s.accepted
-                    .map(|o| o.order.digest)
-                    .into_iter()
-                    .chain(s.prepared.as_ref().map(|p| p.order().digest))
-                    .chain(s.committed.as_ref().map(|c| c.order.digest))
-            })
-            .collect();
-        self.payloads.retain(|d, _| live.contains(d));
-        self.wanted_payloads.retain(|d| live.contains(d));
+        self.payload_seqs.retain(|_, at| *at > seq);
+        let live = &self.payload_seqs;
+        self.payloads.retain(|d, _| live.contains_key(d));
+        self.wanted_payloads.retain(|d| live.contains_key(d));
         self.next_seq = self.next_seq.max(seq.next());
         self.persist_safety();
         self.note_progress(now);
@@ -828,11 +832,16 @@ impl Pbft {
             return;
         }
         let view = self.view;
-        let view_changes: Vec<_> =
+        let mut view_changes: Vec<_> =
             self.view_changes.values().filter(|vc| vc.value.view == view).cloned().collect();
-        if view_changes.len() < self.committee().quorum() {
+        let quorum = self.committee().quorum();
+        if view_changes.len() < quorum {
             return;
         }
+        // Any quorum is safe; exactly one keeps the message bounded, and the ones with
+        // the highest stable checkpoints carry the fewest prepared certificates.
+        view_changes.sort_by_key(|vc| std::cmp::Reverse(vc.value.stable.seq()));
+        view_changes.truncate(quorum);
         let Some(plan) = plan_new_view(&view_changes) else { return };
         let pre_prepares = plan
             .orders
@@ -908,7 +917,7 @@ impl Pbft {
                 } else if let Some(payload) = self.payloads.get(&order.digest).cloned() {
                     self.store_batch(order, payload);
                 } else {
-                    self.want_payload(now, order.digest);
+                    self.want_payload(now, order.seq, order.digest);
                 }
             }
             self.check_slot(now, seq);
@@ -989,7 +998,8 @@ impl Pbft {
                     match accepted {
                         Some(order) => self.store_batch(order.order, payload),
                         None => {
-                            self.payloads.insert(digest, payload);
+                            let seq = self.payload_seqs.get(&digest).copied().unwrap_or_default();
+                            self.keep_payload(seq, digest, payload);
                         }
                     }
                     self.deliver(now);

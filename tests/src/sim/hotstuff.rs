@@ -1,35 +1,26 @@
 //! Runs the HotStuff core in the simulator, honest or wrapped in Byzantine behaviours.
 
-use bulwark_consensus::byzantine::{Byzantine, Forger};
 use bulwark_consensus::hotstuff::{
     Block, Config, ExecutionClaim, HotStuff, LeaderElection, Message, Record, Recovery, RoundRobin,
     TimeoutPolicy,
 };
 use bulwark_consensus::{Height, Protocol, Round};
-use bulwark_crypto::{Committee, KeyPair, ReplicaId};
+use bulwark_crypto::{Committee, ReplicaId};
 
-use super::{App, Harness, ReplicaSetup};
+use super::{App, Harness, ReplicaSetup, SimKeys};
 
 /// A HotStuff replica as the simulator holds it: honest, or a Byzantine wrapper.
 pub type Replica = Box<dyn Protocol<Message = Message, Record = Record>>;
 
 /// Builds HotStuff replicas with deterministic test keys.
 pub struct HotStuffHarness {
-    committee: Committee,
-    keys: Vec<KeyPair>,
+    keys: SimKeys,
     pub timeouts: TimeoutPolicy,
 }
 
 impl HotStuffHarness {
     pub fn new(nodes: usize) -> HotStuffHarness {
-        let (committee, keys) =
-            Committee::deterministic("bulwark-sim", nodes, 7000).unwrap_or_else(|e| panic!("committee: {e}"));
-        HotStuffHarness { committee, keys, timeouts: TimeoutPolicy { base_ms: 500, max_ms: 8_000 } }
-    }
-
-    fn key(&self, id: ReplicaId) -> KeyPair {
-        let position = self.committee.position(id).unwrap_or_default();
-        KeyPair::from_seed(*self.keys[position].secret_bytes())
+        HotStuffHarness { keys: SimKeys::new(nodes), timeouts: TimeoutPolicy { base_ms: 500, max_ms: 8_000 } }
     }
 }
 
@@ -62,15 +53,15 @@ impl Harness for HotStuffHarness {
     type P = Replica;
 
     fn committee(&self) -> &Committee {
-        &self.committee
+        &self.keys.committee
     }
 
     fn replica(&self, setup: &ReplicaSetup<'_>, disk: &[Record], app: &App) -> Replica {
         let id = setup.id;
         let cfg = Config {
             id,
-            committee: self.committee.clone(),
-            key: self.key(id),
+            committee: self.keys.committee.clone(),
+            key: self.keys.key(id),
             timeouts: self.timeouts,
             sync_batch: 32,
         };
@@ -90,17 +81,10 @@ impl Harness for HotStuffHarness {
         let core = if setup.leaders.is_empty() {
             HotStuff::recover(cfg, recovery)
         } else {
-            let leaders = Box::new(ScenarioLeaders::new(&self.committee, setup.leaders));
+            let leaders = Box::new(ScenarioLeaders::new(&self.keys.committee, setup.leaders));
             HotStuff::with_leader_election(cfg, recovery, leaders)
         };
-        debug_assert_eq!(core.id(), id);
-        match setup.byzantine {
-            None => Box::new(core),
-            Some(behaviours) => {
-                let forger = Forger::new(id, self.key(id), self.committee.clone(), setup.seed);
-                Box::new(Byzantine::new(core, behaviours.clone(), forger))
-            }
-        }
+        self.keys.deploy(setup, core)
     }
 
     fn message_round(&self, msg: &Message) -> Option<Round> {

@@ -32,6 +32,7 @@ pub use config::{ClientModel, Profile, SimConfig};
 pub use hotstuff::{HotStuffHarness, ScenarioLeaders};
 pub use network::{NetworkModel, Partition};
 pub use pbft::PbftHarness;
+
 pub use runner::{Faults, RunSpec, Sweep, run_hotstuff, run_hotstuff_seed, run_pbft, run_scenario, sweep};
 pub use twins::{TwinsRound, TwinsScenario};
 
@@ -54,6 +55,50 @@ pub trait Harness {
     /// executed ones: true where honest leaders never order what is already in flight.
     fn strict_integrity(&self) -> bool {
         true
+    }
+}
+
+/// The deterministic committee and keys every harness builds replicas with.
+pub struct SimKeys {
+    pub committee: Committee,
+    keys: Vec<bulwark_crypto::KeyPair>,
+}
+
+impl SimKeys {
+    pub fn new(nodes: usize) -> SimKeys {
+        let (committee, keys) =
+            Committee::deterministic("bulwark-sim", nodes, 7000).unwrap_or_else(|e| panic!("committee: {e}"));
+        SimKeys { committee, keys }
+    }
+
+    pub fn key(&self, id: ReplicaId) -> bulwark_crypto::KeyPair {
+        let position = self.committee.position(id).unwrap_or_default();
+        bulwark_crypto::KeyPair::from_seed(*self.keys[position].secret_bytes())
+    }
+
+    /// `core` as `setup` says: honest, or wrapped in its Byzantine behaviours.
+    pub fn deploy<P>(
+        &self,
+        setup: &ReplicaSetup<'_>,
+        core: P,
+    ) -> Box<dyn Protocol<Message = P::Message, Record = P::Record>>
+    where
+        P: Protocol + 'static,
+        P::Message: bulwark_consensus::byzantine::Forgeable,
+    {
+        debug_assert_eq!(core.id(), setup.id);
+        match setup.byzantine {
+            None => Box::new(core),
+            Some(behaviours) => {
+                let forger = bulwark_consensus::byzantine::Forger::new(
+                    setup.id,
+                    self.key(setup.id),
+                    self.committee.clone(),
+                    setup.seed,
+                );
+                Box::new(bulwark_consensus::byzantine::Byzantine::new(core, behaviours.clone(), forger))
+            }
+        }
     }
 }
 

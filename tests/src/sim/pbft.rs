@@ -1,34 +1,29 @@
 //! Runs the PBFT core in the simulator, honest or wrapped in Byzantine behaviours.
 
-use bulwark_consensus::byzantine::{Byzantine, Forger};
 use bulwark_consensus::hotstuff::TimeoutPolicy;
 use bulwark_consensus::pbft::{Config, Message, Pbft, Record, Recovery};
 use bulwark_consensus::{Height, Protocol, Round};
-use bulwark_crypto::{Committee, KeyPair, ReplicaId};
+use bulwark_crypto::Committee;
 
-use super::{App, Harness, ReplicaSetup};
+use super::{App, Harness, ReplicaSetup, SimKeys};
 
 /// A PBFT replica as the simulator holds it: honest, or a Byzantine wrapper.
 pub type Replica = Box<dyn Protocol<Message = Message, Record = Record>>;
 
 /// Builds PBFT replicas with deterministic test keys.
 pub struct PbftHarness {
-    committee: Committee,
-    keys: Vec<KeyPair>,
+    keys: SimKeys,
     pub timeouts: TimeoutPolicy,
     pub pipeline: u64,
 }
 
 impl PbftHarness {
     pub fn new(nodes: usize) -> PbftHarness {
-        let (committee, keys) =
-            Committee::deterministic("bulwark-sim", nodes, 7000).unwrap_or_else(|e| panic!("committee: {e}"));
-        PbftHarness { committee, keys, timeouts: TimeoutPolicy { base_ms: 500, max_ms: 8_000 }, pipeline: 4 }
-    }
-
-    fn key(&self, id: ReplicaId) -> KeyPair {
-        let position = self.committee.position(id).unwrap_or_default();
-        KeyPair::from_seed(*self.keys[position].secret_bytes())
+        PbftHarness {
+            keys: SimKeys::new(nodes),
+            timeouts: TimeoutPolicy { base_ms: 500, max_ms: 8_000 },
+            pipeline: 4,
+        }
     }
 }
 
@@ -36,15 +31,15 @@ impl Harness for PbftHarness {
     type P = Replica;
 
     fn committee(&self) -> &Committee {
-        &self.committee
+        &self.keys.committee
     }
 
     fn replica(&self, setup: &ReplicaSetup<'_>, disk: &[Record], app: &App) -> Replica {
         let id = setup.id;
         let cfg = Config {
             id,
-            committee: self.committee.clone(),
-            key: self.key(id),
+            committee: self.keys.committee.clone(),
+            key: self.keys.key(id),
             timeouts: self.timeouts,
             pipeline: self.pipeline,
         };
@@ -60,14 +55,7 @@ impl Harness for PbftHarness {
                 other => recovery.records.push(other.clone()),
             }
         }
-        let core = Pbft::recover(cfg, recovery);
-        match setup.byzantine {
-            None => Box::new(core),
-            Some(behaviours) => {
-                let forger = Forger::new(id, self.key(id), self.committee.clone(), setup.seed);
-                Box::new(Byzantine::new(core, behaviours.clone(), forger))
-            }
-        }
+        self.keys.deploy(setup, Pbft::recover(cfg, recovery))
     }
 
     fn message_round(&self, msg: &Message) -> Option<Round> {
