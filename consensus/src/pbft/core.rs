@@ -289,9 +289,12 @@ impl Pbft {
         if view != self.view || self.changing || !self.is_primary() || !self.in_window(self.next_seq) {
             return;
         }
-        if self.delivered < self.stable.seq() || payload.0.len() > MAX_PAYLOAD_BYTES {
+        if self.delivered < self.stable.seq() {
             return;
         }
+        // A host that hands over too much gets an empty batch ordered instead: the
+        // heartbeat goes on, and nothing the backups would refuse is sent.
+        let payload = if payload.0.len() > MAX_PAYLOAD_BYTES { Payload::default() } else { payload };
         let seq = self.next_seq;
         let in_flight = seq.0.saturating_sub(1).saturating_sub(self.delivered.0);
         if payload.0.is_empty() && in_flight > 0 {

@@ -225,3 +225,49 @@ fn state_transfer_entries_must_be_consecutive_and_proven() {
     assert!(Message::LogEntries(vec![swapped]).verify(&committee).is_err());
     assert!(Message::LogEntries(vec![entry.clone(), entry]).verify(&committee).is_err());
 }
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn random_bytes_never_decode_into_a_panic(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+        let (committee, _) = committee();
+        if let Ok(msg) = bulwark_crypto::codec::decode::<Message>(&bytes, <Message as crate::WireMessage>::MAX_ENCODED_BYTES) {
+            let _ = Verified::check(msg, &committee);
+        }
+    }
+
+    #[test]
+    fn votes_and_pre_prepares_round_trip_through_the_codec(
+        view in 0u64..1_000_000,
+        seq in 1u64..1_000_000,
+        payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..300),
+    ) {
+        let (committee, keys) = committee();
+        let o = Order { view: Round(view), seq: Height(seq), digest: batch_digest(&Payload(payload.clone())) };
+        let signer = committee.position(primary(&committee, o.view)).unwrap();
+        let backup = (signer + 1) % 4;
+        let vote = Vote::sign(Phase::Commit, o, committee.members()[backup].id, &keys[backup], &committee);
+        for msg in [pre_prepare(&keys, &committee, signer, o, &payload), Message::Commit(vote)] {
+            let bytes = bulwark_crypto::codec::encode(&msg).unwrap();
+            let back: Message = bulwark_crypto::codec::decode(&bytes, 1 << 20).unwrap();
+            proptest::prop_assert!(back.verify(&committee).is_ok());
+            proptest::prop_assert_eq!(back, msg);
+        }
+    }
+}
+
+#[test]
+fn an_oversized_payload_still_yields_a_pre_prepare() {
+    let (committee, keys) = committee();
+    let mut primary_replica = replica(&committee, &keys, 0, Recovery::default());
+    let start = primary_replica.handle(Time(0), Input::Start);
+    let request = start.want_payload.expect("replica 0 leads view 0");
+    let too_big = Payload(vec![0; MAX_PAYLOAD_BYTES + 1]);
+    let actions = primary_replica.handle(Time(1), Input::Payload { round: request.round, payload: too_big });
+    let ordered = actions.send.iter().find_map(|o| match &o.msg {
+        Message::PrePrepare(p) => Some(p.payload.clone()),
+        _ => None,
+    });
+    assert_eq!(ordered, Some(Payload::default()));
+}
