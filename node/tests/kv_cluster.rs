@@ -6,10 +6,10 @@ use std::time::Duration;
 use bulwark_consensus::ProtocolKind;
 use bulwark_consensus::hotstuff::TimeoutPolicy;
 use bulwark_crypto::{Committee, KeyPair, ReplicaId};
-use bulwark_network::NetworkConfig;
+use bulwark_network::{NetworkConfig, NetworkError};
 use bulwark_node::app::kv::{KvOp, KvResult};
 use bulwark_node::client::Client;
-use bulwark_node::node::{AppKind, ReplicaSettings, RunningReplica, start_replica};
+use bulwark_node::node::{AppKind, NodeError, ReplicaSettings, RunningReplica, start_replica};
 use bulwark_node::replica::RuntimeConfig;
 
 struct Cluster {
@@ -59,7 +59,24 @@ impl Cluster {
         Cluster::start_with(n, app, ProtocolKind::HotStuff).await
     }
 
+    /// Ports are picked free and bound moments later, so a test running beside this
+    /// one may take one in between: a cluster whose port was taken is built again with
+    /// new ones (a few times).
     async fn start_with(n: usize, app: AppKind, protocol: ProtocolKind) -> Cluster {
+        let mut attempt = 0;
+        loop {
+            match Cluster::try_start(n, app, protocol).await {
+                Ok(cluster) => return cluster,
+                Err(NodeError::Network(NetworkError::Bind { address, reason })) if attempt < 5 => {
+                    eprintln!("port {address} taken ({reason}); new ports");
+                    attempt += 1;
+                }
+                Err(e) => panic!("replica starts: {e}"),
+            }
+        }
+    }
+
+    async fn try_start(n: usize, app: AppKind, protocol: ProtocolKind) -> Result<Cluster, NodeError> {
         let keys: Vec<KeyPair> = (0..n).map(|_| KeyPair::generate()).collect();
         let committee =
             Committee::from_keys("kv-cluster-test", &keys, |_| format!("127.0.0.1:{}", free_udp_port()))
@@ -74,10 +91,17 @@ impl Cluster {
             replicas: Vec::new(),
         };
         for i in 0..n {
-            let replica = start_replica(settings(&cluster, i)).await.expect("replica starts");
-            cluster.replicas.push(Some(replica));
+            match start_replica(settings(&cluster, i)).await {
+                Ok(replica) => cluster.replicas.push(Some(replica)),
+                Err(e) => {
+                    for replica in cluster.replicas.into_iter().flatten() {
+                        replica.kill().await;
+                    }
+                    return Err(e);
+                }
+            }
         }
-        cluster
+        Ok(cluster)
     }
 
     fn endpoints(&self) -> Vec<(ReplicaId, SocketAddr)> {
