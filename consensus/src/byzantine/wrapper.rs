@@ -101,6 +101,19 @@ where
         others
     }
 
+    /// Sends each message as `craft` rewrites it, or unchanged where it has no variant.
+    fn rewrite_each(
+        &mut self,
+        send: Vec<Outgoing<P::Message>>,
+        out: &mut Vec<Outgoing<P::Message>>,
+        mut craft: impl FnMut(&mut Self, &P::Message) -> Option<P::Message>,
+    ) {
+        for o in send {
+            let msg = craft(self, &o.msg).unwrap_or(o.msg);
+            out.push(Outgoing { to: o.to, msg });
+        }
+    }
+
     /// `spoke`: the honest core sent a proposal, vote or timeout in this step. Behaviours
     /// that add traffic only do so then, so that two Byzantine replicas never feed
     /// each other's floods (each message one receives would otherwise make it send
@@ -158,31 +171,19 @@ where
                 }));
             }
             Behaviour::BadSignature => {
-                for o in send {
-                    let msg = o.msg.with_bad_signature(&mut self.forger).unwrap_or(o.msg);
-                    out.push(Outgoing { to: o.to, msg });
-                }
+                self.rewrite_each(send, &mut out, |b, msg| msg.with_bad_signature(&mut b.forger));
             }
-            Behaviour::ForgeQc { defect } => {
-                for o in send {
-                    let defect = self.next_defect(defect);
-                    let msg = o.msg.with_forged_qc(&mut self.forger, defect).unwrap_or(o.msg);
-                    out.push(Outgoing { to: o.to, msg });
-                }
-            }
-            Behaviour::ForgeTc { defect } => {
-                for o in send {
-                    let defect = self.next_defect(defect);
-                    let msg = o.msg.with_forged_tc(&mut self.forger, defect).unwrap_or(o.msg);
-                    out.push(Outgoing { to: o.to, msg });
-                }
-            }
+            Behaviour::ForgeQc { defect } => self.rewrite_each(send, &mut out, |b, msg| {
+                let defect = b.next_defect(defect);
+                msg.with_forged_qc(&mut b.forger, defect)
+            }),
+            Behaviour::ForgeTc { defect } => self.rewrite_each(send, &mut out, |b, msg| {
+                let defect = b.next_defect(defect);
+                msg.with_forged_tc(&mut b.forger, defect)
+            }),
+            // Whatever carries a state digest (a HotStuff proposal, a PBFT checkpoint).
             Behaviour::WrongStateDigest => {
-                // Whatever carries a state digest (a HotStuff proposal, a PBFT checkpoint).
-                for o in send {
-                    let msg = o.msg.with_wrong_state_digest(&mut self.forger).unwrap_or(o.msg);
-                    out.push(Outgoing { to: o.to, msg });
-                }
+                self.rewrite_each(send, &mut out, |b, msg| msg.with_wrong_state_digest(&mut b.forger));
             }
             Behaviour::RoundJump { by } => {
                 for o in send {
