@@ -73,6 +73,11 @@ pub trait WireMessage:
 {
     /// The largest encoded message a host should accept for this protocol.
     const MAX_ENCODED_BYTES: usize;
+
+    /// The payload bytes this message carries (proposals, fetched blocks or entries).
+    /// A host whose payloads name data held elsewhere (the node's batch digests) makes
+    /// sure it holds that data before the core sees the message.
+    fn payloads(&self) -> Vec<&[u8]>;
 }
 
 /// A record a core asks to be persisted, and that a restarted core is rebuilt from.

@@ -68,7 +68,20 @@ impl bincode::enc::write::Writer for ByteCounter {
 /// `limit` is the largest input the caller accepts for this kind of value; it is capped
 /// at [`MAX_DECODE_BYTES`]. Never panics on any input.
 pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
-    let limit = limit.min(MAX_DECODE_BYTES);
+    decode_capped(bytes, limit.min(MAX_DECODE_BYTES))
+}
+
+/// Largest value [`decode_large`] accepts.
+pub const MAX_LARGE_DECODE_BYTES: usize = 1 << 30;
+
+/// [`decode`] for values a replica reads back from its own store that may exceed
+/// [`MAX_DECODE_BYTES`] (application snapshots), up to [`MAX_LARGE_DECODE_BYTES`].
+/// Never for network input.
+pub fn decode_large<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
+    decode_capped(bytes, limit.min(MAX_LARGE_DECODE_BYTES))
+}
+
+fn decode_capped<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
     if bytes.len() > limit {
         return Err(CodecError::TooLarge { len: bytes.len(), limit });
     }
@@ -86,7 +99,8 @@ pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, Code
         0x400001..=0x1000000 => decode_with::<T, 0x1000000>(bytes),
         0x1000001..=0x4000000 => decode_with::<T, 0x4000000>(bytes),
         0x4000001..=0x10000000 => decode_with::<T, 0x10000000>(bytes),
-        _ => decode_with::<T, 0x4000_0000>(bytes),
+        0x10000001..=0x40000000 => decode_with::<T, 0x4000_0000>(bytes),
+        _ => decode_with::<T, 0x1_0000_0000>(bytes),
     }
 }
 

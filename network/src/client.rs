@@ -24,6 +24,7 @@ use crate::counters::{NetworkCounters, add, bump};
 use crate::framing::encode_frame;
 use crate::identity::{EndpointKind, Identity, certificate_key, endpoint_config, replica_name};
 use crate::inbound::{FrameReader, handshake, peer_certificate};
+use crate::peer::coalesce_small_frames;
 use crate::{NetworkConfig, NetworkError, SendError, close_code, tls};
 
 /// Who sent a client request: the client's key if it presented one, and a number
@@ -63,6 +64,11 @@ impl<Resp> Clone for ReplySender<Resp> {
 }
 
 impl<Resp: Serialize> ReplySender<Resp> {
+    /// Whether the client's session is gone (its replies would be dropped).
+    pub fn is_closed(&self) -> bool {
+        self.queue.is_closed()
+    }
+
     /// Queues `reply` for the client. Never blocks.
     pub fn send(&self, reply: &Resp) -> Result<(), SendError> {
         let frame = encode_frame(reply, self.max_frame_bytes).inspect_err(|e| match e {
@@ -209,17 +215,23 @@ async fn accept_clients<Req, Resp>(
     }
 }
 
+/// Replies queued while a write is in progress go out together in one write.
+const MAX_REPLY_FRAMES_PER_WRITE: usize = 512;
+
 async fn write_replies(
     mut send: quinn::SendStream,
     mut queued: mpsc::Receiver<Bytes>,
     counters: Arc<NetworkCounters>,
 ) {
-    while let Some(frame) = queued.recv().await {
-        let len = frame.len() as u64;
-        if send.write_chunk(frame).await.is_err() {
+    let mut batch = Vec::with_capacity(64);
+    while queued.recv_many(&mut batch, MAX_REPLY_FRAMES_PER_WRITE).await > 0 {
+        let (frames, len) = (batch.len() as u64, batch.iter().map(|f| f.len() as u64).sum());
+        coalesce_small_frames(&mut batch);
+        if send.write_all_chunks(&mut batch).await.is_err() {
             return;
         }
-        bump(&counters.messages_sent);
+        batch.clear();
+        add(&counters.messages_sent, frames);
         add(&counters.bytes_sent, len);
     }
     let _ = send.finish();
@@ -292,14 +304,24 @@ impl<Req: Serialize, Resp: DeserializeOwned> ClientConnection<Req, Resp> {
 
     /// Sends one request (waits for flow control, not for a reply).
     pub async fn send(&mut self, request: &Req) -> Result<(), NetworkError> {
-        let frame = encode_frame(request, self.max_frame_bytes).map_err(|e| match e {
-            SendError::TooLarge { len, limit } => NetworkError::FrameTooLarge { len: len as u64, limit },
-            SendError::Encode(e) => NetworkError::Malformed(e),
-            _ => NetworkError::Closed,
-        })?;
-        let len = frame.len() as u64;
-        self.send.write_chunk(frame).await.map_err(|e| NetworkError::Connection(e.to_string()))?;
-        bump(&self.counters.messages_sent);
+        self.send_many(std::slice::from_ref(request)).await
+    }
+
+    /// Sends requests in order in one stream write (waits for flow control, not for
+    /// replies).
+    pub async fn send_many(&mut self, requests: &[Req]) -> Result<(), NetworkError> {
+        let mut frames = Vec::with_capacity(requests.len());
+        for request in requests {
+            frames.push(encode_frame(request, self.max_frame_bytes).map_err(|e| match e {
+                SendError::TooLarge { len, limit } => NetworkError::FrameTooLarge { len: len as u64, limit },
+                SendError::Encode(e) => NetworkError::Malformed(e),
+                _ => NetworkError::Closed,
+            })?);
+        }
+        let (count, len) = (frames.len() as u64, frames.iter().map(|f| f.len() as u64).sum());
+        coalesce_small_frames(&mut frames);
+        self.send.write_all_chunks(&mut frames).await.map_err(|e| NetworkError::Connection(e.to_string()))?;
+        add(&self.counters.messages_sent, count);
         add(&self.counters.bytes_sent, len);
         Ok(())
     }

@@ -155,7 +155,7 @@ const COALESCE_BELOW: usize = 16 << 10;
 /// per written chunk until it is acknowledged, so hundreds of 500-byte chunks cost more
 /// than copying them (measured: about +25% messages/s at 512 B on loopback); large
 /// frames are passed through without a copy.
-fn coalesce_small_frames(batch: &mut Vec<Bytes>) {
+pub(crate) fn coalesce_small_frames(batch: &mut Vec<Bytes>) {
     if batch.iter().filter(|f| f.len() < COALESCE_BELOW).nth(1).is_none() {
         return;
     }

@@ -43,15 +43,28 @@ struct ClientLoad {
 /// Drives `rate` transactions/s of `tx_size`-byte KV puts for `duration` through
 /// `clients` pipelined clients; `tick` is called about once a second with
 /// (elapsed, committed so far).
+/// The load a benchmark offers.
+#[derive(Clone, Copy, Debug)]
+pub struct Load {
+    /// Transactions per second, over all clients.
+    pub rate: u64,
+    /// Bytes per transaction (a KV put of about this size).
+    pub tx_size: usize,
+    pub duration: Duration,
+    /// Pipelined clients sharing the load; client `c` sends to replica `c mod n` first.
+    pub clients: usize,
+    /// Distinct keys each client writes in turn (`None`: every put writes a new key, so
+    /// the application's state grows with the run).
+    pub keys: Option<u64>,
+}
+
 pub async fn run(
     committee: &Committee,
     endpoints: &[(ReplicaId, SocketAddr)],
-    rate: u64,
-    tx_size: usize,
-    duration: Duration,
-    clients: usize,
+    load: Load,
     tick: impl Fn(Duration, u64) + Send + Sync + 'static,
 ) -> anyhow::Result<(u64, u64, u64, Vec<u64>, f64)> {
+    let Load { rate, tx_size, duration, clients, keys } = load;
     let clients = clients.max(1);
     let committed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -59,6 +72,12 @@ pub async fn run(
     for c in 0..clients {
         let mut client = Client::connect(committee, endpoints, None, NetworkConfig::default()).await?;
         client.timeout = Duration::from_secs(30);
+        // Under overload latency exceeds the default retry delay, and retries sent to
+        // every replica multiply the load; a benchmark's replicas do not crash.
+        client.retry_after = Duration::from_secs(10);
+        if !endpoints.is_empty() {
+            client.set_home(endpoints[c % endpoints.len()].0);
+        }
         let per_client = rate as f64 / clients as f64;
         let committed = committed.clone();
         tasks.push(tokio::spawn(async move {
@@ -80,9 +99,13 @@ pub async fn run(
                         while owed >= 1.0 {
                             owed -= 1.0;
                             counter += 1;
-                            let key = format!("c{c}-{counter}").into_bytes();
+                            let key = format!("c{c}-{}", keys.map_or(counter, |k| counter % k.max(1))).into_bytes();
                             let value = vec![(counter % 251) as u8; tx_size.saturating_sub(key.len() + 8)];
-                            let sequence = client.submit(KvOp::Put { key, value }.encode()).await;
+                            // Backpressure (replicas not reading) must not outlast the run.
+                            let op = KvOp::Put { key, value }.encode();
+                            let Ok(sequence) = tokio::time::timeout_at(drain_until.into(), client.submit(op)).await else {
+                                break;
+                            };
                             sent_at.insert(sequence, Instant::now());
                             load.submitted += 1;
                         }

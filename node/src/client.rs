@@ -1,7 +1,11 @@
-//! The client library: submits requests to every replica and accepts a result only
-//! when f+1 replicas (at least one honest) report the same one.
+//! The client library: submits each request to one replica (its home replica), which
+//! batches it for everyone, and accepts a result only when f+1 replicas (at least one
+//! honest) report the same one. Every replica answers every request of a client that
+//! subscribed to it, whichever replica the request entered through. A request not
+//! certified within `retry_after` (or rejected by the home replica) is sent to every
+//! replica, so a crashed or censoring home replica only delays it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -10,7 +14,7 @@ use bulwark_crypto::{Committee, KeyPair, ReplicaId};
 use bulwark_network::{ClientConnection, NetworkConfig};
 use tokio::sync::mpsc;
 
-use crate::wire::{Outcome, Rejection, Reply, Request, RequestKind, client_id_of};
+use crate::wire::{Outcome, Rejection, Replies, Reply, Request, RequestKind, client_id_of};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -43,9 +47,16 @@ pub struct Client {
     replies: mpsc::Receiver<Reply>,
     /// Replies so far per sequence: (height, outcome) -> replicas.
     tally: HashMap<u64, BTreeMap<(Height, Outcome), BTreeSet<ReplicaId>>>,
-    /// Sequences already certified: later replies for them are ignored.
-    certified: HashSet<u64>,
+    /// The replica requests go to first.
+    home: Option<ReplicaId>,
+    /// Submitted requests not certified yet, and whether they went to every replica.
+    /// Replies for any other sequence are ignored.
+    outstanding: HashMap<u64, (Request, bool)>,
+    /// Sequences in the order they are due for a retry, with when they were last sent.
+    retry_queue: VecDeque<(u64, tokio::time::Instant)>,
     pub timeout: Duration,
+    /// A request not certified this long after it was sent is sent to every replica.
+    pub retry_after: Duration,
 }
 
 impl Client {
@@ -65,7 +76,7 @@ impl Client {
         let (reply_tx, replies) = mpsc::channel(65_536);
         let mut senders = BTreeMap::new();
         for (replica, address) in endpoints {
-            let Ok(mut connection) = ClientConnection::<Request, Reply>::connect(
+            let Ok(mut connection) = ClientConnection::<Request, Replies>::connect(
                 config.clone(),
                 committee,
                 *replica,
@@ -80,16 +91,20 @@ impl Client {
             let reply_tx = reply_tx.clone();
             let replica = *replica;
             tokio::spawn(async move {
+                let mut queued = Vec::new();
                 loop {
                     tokio::select! {
-                        request = rx.recv() => match request {
-                            Some(request) => if connection.send(&request).await.is_err() { break },
-                            None => break,
-                        },
-                        reply = connection.recv() => match reply {
-                            // A replica can only speak for itself.
-                            Ok(reply) if reply.replica == replica => { let _ = reply_tx.send(reply).await; }
-                            Ok(_) => {}
+                        count = rx.recv_many(&mut queued, 1024) => {
+                            if count == 0 || connection.send_many(&queued).await.is_err() { break }
+                            queued.clear();
+                        }
+                        replies = connection.recv() => match replies {
+                            Ok(replies) => for reply in replies {
+                                // A replica can only speak for itself.
+                                if reply.replica == replica {
+                                    let _ = reply_tx.send(reply).await;
+                                }
+                            },
                             Err(_) => break,
                         },
                     }
@@ -101,6 +116,13 @@ impl Client {
         if senders.len() < needed {
             return Err(ClientError::NotEnoughReplicas { connected: senders.len(), needed });
         }
+        // Every replica sends this client the replies of its requests.
+        let subscribe = Request { client: id, sequence: 0, kind: RequestKind::Subscribe, op: Vec::new() };
+        for sender in senders.values() {
+            let _ = sender.send(subscribe.clone()).await;
+        }
+        let replicas: Vec<ReplicaId> = senders.keys().copied().collect();
+        let home = replicas.get((id % replicas.len() as u64) as usize).copied();
         Ok(Client {
             id,
             next_sequence: 1,
@@ -108,21 +130,46 @@ impl Client {
             senders,
             replies,
             tally: HashMap::new(),
-            certified: HashSet::new(),
+            home,
+            outstanding: HashMap::new(),
+            retry_queue: VecDeque::new(),
             timeout: Duration::from_secs(10),
+            retry_after: Duration::from_secs(1),
         })
+    }
+
+    /// Sends requests to `replica` first (if this client is connected to it).
+    pub fn set_home(&mut self, replica: ReplicaId) {
+        if self.senders.contains_key(&replica) {
+            self.home = Some(replica);
+        }
+    }
+
+    /// The replica requests go to first.
+    pub fn home(&self) -> Option<ReplicaId> {
+        self.home
     }
 
     pub fn id(&self) -> u64 {
         self.id
     }
 
-    /// Sends an ordered request to every replica without waiting; returns its sequence.
+    /// Sends an ordered request to the home replica without waiting; returns its
+    /// sequence.
     pub async fn submit(&mut self, op: Vec<u8>) -> u64 {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let request = Request { client: self.id, sequence, kind: RequestKind::Ordered, op };
-        self.send_all(&request).await;
+        let home = self.home.and_then(|h| self.senders.get(&h)).filter(|s| !s.is_closed());
+        let to_all = match home {
+            Some(sender) => sender.send(request.clone()).await.is_err(),
+            None => true,
+        };
+        if to_all {
+            self.send_all(&request).await;
+        }
+        self.retry_queue.push_back((sequence, tokio::time::Instant::now()));
+        self.outstanding.insert(sequence, (request, to_all));
         sequence
     }
 
@@ -132,14 +179,63 @@ impl Client {
         }
     }
 
+    /// Sends every request that waited `retry_after` since it was last sent to every
+    /// replica again.
+    async fn resend_due(&mut self) {
+        let now = tokio::time::Instant::now();
+        while let Some(&(sequence, sent)) = self.retry_queue.front() {
+            if !self.outstanding.contains_key(&sequence) {
+                self.retry_queue.pop_front();
+                continue;
+            }
+            if sent + self.retry_after > now {
+                break;
+            }
+            self.retry_queue.pop_front();
+            if let Some((request, to_all)) = self.outstanding.get_mut(&sequence) {
+                *to_all = true;
+                let request = request.clone();
+                self.send_all(&request).await;
+                self.retry_queue.push_back((sequence, now));
+            }
+        }
+    }
+
+    /// The next reply from any replica, retrying what is due meanwhile.
+    async fn next_reply(&mut self, deadline: tokio::time::Instant) -> Result<Reply, ClientError> {
+        loop {
+            self.resend_due().await;
+            let retry_at = self.retry_queue.front().map(|(_, sent)| *sent + self.retry_after);
+            let retry = async {
+                match retry_at {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let reply = tokio::select! {
+                reply = self.replies.recv() => reply.ok_or(ClientError::NotEnoughReplicas { connected: 0, needed: self.needed })?,
+                _ = retry => continue,
+                _ = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout(self.timeout)),
+            };
+            // A rejection from the home replica alone cannot be certified: ask everyone
+            // (another replica may accept, or f+1 confirm the rejection).
+            if matches!(reply.outcome, Outcome::Rejected(_))
+                && let Some((request, to_all)) = self.outstanding.get_mut(&reply.sequence)
+                && !*to_all
+            {
+                *to_all = true;
+                let request = request.clone();
+                self.send_all(&request).await;
+            }
+            return Ok(reply);
+        }
+    }
+
     /// The next request (of those submitted) to gather f+1 matching replies.
     pub async fn next_certified(&mut self) -> Result<Result<Certified, Rejection>, ClientError> {
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
-            let reply = tokio::time::timeout_at(deadline, self.replies.recv())
-                .await
-                .map_err(|_| ClientError::Timeout(self.timeout))?
-                .ok_or(ClientError::NotEnoughReplicas { connected: 0, needed: self.needed })?;
+            let reply = self.next_reply(deadline).await?;
             if let Some(done) = self.count(reply) {
                 return Ok(done);
             }
@@ -149,7 +245,8 @@ impl Client {
     fn count(&mut self, reply: Reply) -> Option<Result<Certified, Rejection>> {
         if matches!(reply.outcome, Outcome::Read(_))
             || reply.client != self.id
-            || self.certified.contains(&reply.sequence)
+            // Certified already (or never submitted): later replies are ignored.
+            || !self.outstanding.contains_key(&reply.sequence)
         {
             return None;
         }
@@ -163,7 +260,7 @@ impl Client {
         }
         let replicas: Vec<ReplicaId> = voters.iter().copied().collect();
         self.tally.remove(&reply.sequence);
-        self.certified.insert(reply.sequence);
+        self.outstanding.remove(&reply.sequence);
         Some(match reply.outcome {
             Outcome::Executed(result) => Ok(Certified { sequence: reply.sequence, height, result, replicas }),
             Outcome::Rejected(rejection) => Err(rejection),
@@ -174,20 +271,10 @@ impl Client {
     /// Executes `op` through consensus and returns the result f+1 replicas agree on.
     /// Retries (same sequence, so at most once) until the client's timeout.
     pub async fn execute(&mut self, op: Vec<u8>) -> Result<Certified, ClientError> {
-        let sequence = self.submit(op.clone()).await;
-        let request = Request { client: self.id, sequence, kind: RequestKind::Ordered, op };
+        let sequence = self.submit(op).await;
         let deadline = tokio::time::Instant::now() + self.timeout;
-        let mut retry = tokio::time::Instant::now() + Duration::from_secs(2);
         loop {
-            let reply = tokio::select! {
-                reply = self.replies.recv() => reply.ok_or(ClientError::NotEnoughReplicas { connected: 0, needed: self.needed })?,
-                _ = tokio::time::sleep_until(retry) => {
-                    self.send_all(&request).await;
-                    retry += Duration::from_secs(2);
-                    continue;
-                }
-                _ = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout(self.timeout)),
-            };
+            let reply = self.next_reply(deadline).await?;
             if reply.sequence != sequence {
                 continue;
             }

@@ -2,7 +2,7 @@
 //! sequence), the application, its state digest, and durable snapshots from which a
 //! restarted replica replays the log.
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 
 use bulwark_consensus::{CommittedBlock, Height};
 use bulwark_crypto::{Digest, Hasher, codec};
@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::app::{Receipt, StateMachine, Transaction};
 use crate::storage::{StorageError, Store, StoredSnapshot};
-use crate::wire::decode_batch;
+use crate::wire::{batch_digest, decode_batch, decode_block_payload};
 
 /// Sequences a client may run ahead of its oldest unexecuted one; older ones are
 /// refused as replays.
@@ -58,7 +58,7 @@ pub struct BlockOutcome {
 
 pub struct Executor<A: StateMachine> {
     app: A,
-    sessions: BTreeMap<u64, Session>,
+    sessions: imbl::OrdMap<u64, Session>,
     height: Height,
     last_block: Digest,
     state_digest: Digest,
@@ -67,8 +67,9 @@ pub struct Executor<A: StateMachine> {
 
 #[derive(Serialize, Deserialize)]
 struct SnapshotBody {
+    #[serde(with = "serde_bytes")]
     app: Vec<u8>,
-    sessions: BTreeMap<u64, Session>,
+    sessions: imbl::OrdMap<u64, Session>,
 }
 
 impl<A: StateMachine> Executor<A> {
@@ -76,7 +77,7 @@ impl<A: StateMachine> Executor<A> {
         let state_digest = app.state_digest();
         Executor {
             app,
-            sessions: BTreeMap::new(),
+            sessions: imbl::OrdMap::new(),
             height: Height(0),
             last_block: Digest::ZERO,
             state_digest,
@@ -110,15 +111,20 @@ impl<A: StateMachine> Executor<A> {
         self.sessions.get(&client).is_some_and(|s| sequence + SESSION_WINDOW <= s.highest)
     }
 
-    /// Executes the next committed block. Blocks at or below the executed height are
-    /// ignored (a restarted core re-derives commits).
-    pub fn execute(&mut self, block: &CommittedBlock) -> Option<BlockOutcome> {
-        if block.height <= self.height {
+    /// Whether `block` is the next one to execute (blocks at or below the executed
+    /// height are ignored: a restarted core re-derives commits).
+    pub fn is_next(&self, block: &CommittedBlock) -> bool {
+        block.height > self.height
+    }
+
+    /// Executes the next committed block, whose batches hold `txs` (in order).
+    pub fn execute(&mut self, block: &CommittedBlock, txs: Vec<Transaction>) -> Option<BlockOutcome> {
+        if !self.is_next(block) {
             return None;
         }
         let mut fresh = Vec::new();
         let mut duplicates = 0;
-        for tx in decode_batch(&block.payload) {
+        for tx in txs {
             if self.sessions.entry(tx.client).or_default().admit(tx.sequence) {
                 fresh.push(tx);
             } else {
@@ -149,13 +155,17 @@ impl<A: StateMachine> Executor<A> {
         self.height.0.is_multiple_of(self.snapshot_every)
     }
 
-    pub fn snapshot(&self) -> StoredSnapshot {
-        let body = SnapshotBody { app: self.app.snapshot(), sessions: self.sessions.clone() };
-        StoredSnapshot {
-            height: self.height,
-            block: self.last_block,
-            state_digest: self.state_digest,
-            state: codec::encode(&body).unwrap_or_default(),
+    /// A snapshot of the executed state: taken at once (the state is frozen by O(1)
+    /// clones of persistent maps), encoded when the returned job runs, on any thread.
+    pub fn snapshot(&self) -> impl FnOnce() -> StoredSnapshot + Send + 'static {
+        let app = self.app.snapshot();
+        let sessions = self.sessions.clone();
+        let (height, block, state_digest) = (self.height, self.last_block, self.state_digest);
+        move || StoredSnapshot {
+            height,
+            block,
+            state_digest,
+            state: codec::encode(&SnapshotBody { app: app(), sessions }).unwrap_or_default(),
         }
     }
 
@@ -168,7 +178,7 @@ impl<A: StateMachine> Executor<A> {
     ) -> Result<HashSet<(u64, u64)>, StorageError> {
         if let Some(snapshot) = store.snapshot()? {
             let body: SnapshotBody =
-                codec::decode(&snapshot.state, codec::MAX_DECODE_BYTES).map_err(|e| {
+                codec::decode_large(&snapshot.state, crate::app::MAX_SNAPSHOT_BYTES).map_err(|e| {
                     StorageError::Corrupt { cf: "snapshot", key: "latest".into(), reason: e.to_string() }
                 })?;
             self.app.restore(&body.app).map_err(|e| StorageError::Corrupt {
@@ -201,13 +211,41 @@ impl<A: StateMachine> Executor<A> {
                 proposer: bulwark_crypto::ReplicaId(0),
                 payload,
             };
-            if let Some(outcome) = self.execute(&block) {
+            let txs = stored_transactions(store, &block)?;
+            if let Some(outcome) = self.execute(&block, txs) {
                 executed.extend(outcome.executed.iter().map(|(tx, _)| (tx.client, tx.sequence)));
             }
             height = height.next();
         }
         Ok(executed)
     }
+}
+
+/// The transactions of a committed block, read from its stored batches. A batch that
+/// is missing or does not match its digest is a corrupted store (the batches of a
+/// block are written with it).
+pub fn stored_transactions(store: &Store, block: &CommittedBlock) -> Result<Vec<Transaction>, StorageError> {
+    let mut txs = Vec::new();
+    for digest in decode_block_payload(&block.payload.0) {
+        txs.extend(checked_batch(&digest, store.batch(&digest)?, block.height)?);
+    }
+    Ok(txs)
+}
+
+/// Decodes a batch read back for `digest` (needed by the block at `height`), checking
+/// that it is there and intact.
+pub fn checked_batch(
+    digest: &Digest,
+    bytes: Option<Vec<u8>>,
+    height: Height,
+) -> Result<Vec<Transaction>, StorageError> {
+    let corrupt = |reason: String| StorageError::Corrupt { cf: "batches", key: digest.to_string(), reason };
+    let bytes =
+        bytes.ok_or_else(|| corrupt(format!("the batch of the block at height {height} is missing")))?;
+    if batch_digest(&bytes) != *digest {
+        return Err(corrupt("the stored batch does not match its digest".into()));
+    }
+    decode_batch(&bytes).ok_or_else(|| corrupt("the stored batch does not decode".into()))
 }
 
 #[cfg(test)]

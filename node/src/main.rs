@@ -109,6 +109,10 @@ struct BenchArgs {
     /// The protocol of the fresh testnet: hotstuff or pbft.
     #[arg(long, default_value = "hotstuff", conflicts_with = "dir")]
     protocol: ProtocolKind,
+    /// Distinct keys per client, overwritten in turn (default: a new key per put, so
+    /// the replicas' state grows with the run).
+    #[arg(long)]
+    keys: Option<u64>,
 }
 
 #[derive(Subcommand)]
@@ -612,18 +616,17 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         let progress = bar.clone();
-        let measured = bulwark_node::bench::run(
-            &committee,
-            &endpoints,
+        let load = bulwark_node::bench::Load {
             rate,
             tx_size,
-            Duration::from_secs(duration),
+            duration: Duration::from_secs(duration),
             clients,
-            move |elapsed, committed| {
-                progress.set_position(elapsed.as_secs().min(duration));
-                progress.set_message(format!("{committed} committed"));
-            },
-        )
+            keys: args.keys,
+        };
+        let measured = bulwark_node::bench::run(&committee, &endpoints, load, move |elapsed, committed| {
+            progress.set_position(elapsed.as_secs().min(duration));
+            progress.set_message(format!("{committed} committed"));
+        })
         .await;
         bar.finish_and_clear();
         let cpu: Vec<f64> = pids

@@ -1,92 +1,300 @@
-//! Pending client transactions: bounded in count and bytes, de-duplicated by
-//! (client, sequence), drained into block payloads.
+//! The mempool: this replica's pending client transactions, sealed into batches that
+//! are disseminated to every replica, and the batches (its own and its peers') that are
+//! available and not yet executed. Blocks order batches by digest, so the ordering path
+//! carries 32 bytes per batch, not the transactions.
+//!
+//! Bounded everywhere: this replica's own transactions in count and bytes (clients are
+//! answered `Busy` beyond that); each peer's batches in bytes (a flooding peer's extra
+//! batches are refused, counted); the memory of executed batch digests in count.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bulwark_crypto::{Digest, ReplicaId};
 
 use crate::app::Transaction;
-use crate::wire::TX_ENVELOPE_BYTES;
+use crate::wire::{MAX_BATCH_BYTES, TX_ENVELOPE_BYTES, batch_digest, encode_batch};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {
     Accepted,
+    /// Already pending in one of this replica's batches.
     Duplicate,
     Full,
 }
 
+/// What became of a batch a peer sent.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BatchAdmission {
+    Stored,
+    /// Already held (or executed recently).
+    Known,
+    /// The author's quota of pending bytes is used up.
+    OverQuota,
+}
+
+/// Limits of one mempool.
+#[derive(Clone, Copy, Debug)]
+pub struct MempoolLimits {
+    /// This replica's own pending transactions (open and in unexecuted batches).
+    pub max_txs: usize,
+    pub max_bytes: usize,
+    /// A batch is sealed at this many transactions ...
+    pub batch_txs: usize,
+    /// ... or this many encoded bytes ...
+    pub batch_bytes: usize,
+    /// ... or this long after its first transaction arrived.
+    pub batch_delay: Duration,
+    /// Pending bytes of batches authored by one peer.
+    pub peer_quota_bytes: usize,
+}
+
+/// A batch available to this replica and not executed yet.
+pub struct PendingBatch {
+    pub author: ReplicaId,
+    pub bytes: Arc<Vec<u8>>,
+    /// Whether the store holds it (written with the first block that names it).
+    pub persisted: bool,
+    /// Arrival order (proposals take batches oldest first).
+    order: u64,
+    /// For this replica's own batches: the keys of their transactions and when the
+    /// batch was last sent to the peers.
+    own: Option<(Vec<(u64, u64)>, Instant)>,
+}
+
+/// Executed batch digests remembered, so a late copy is not taken as new.
+const EXECUTED_REMEMBERED: usize = 65_536;
+
 pub struct Mempool {
-    queue: VecDeque<Transaction>,
-    keys: HashSet<(u64, u64)>,
-    bytes: usize,
-    max_txs: usize,
-    max_bytes: usize,
+    me: ReplicaId,
+    limits: MempoolLimits,
+    sealed: Vec<(Digest, Arc<Vec<u8>>)>,
+    open: Vec<Transaction>,
+    open_bytes: usize,
+    open_since: Option<Instant>,
+    /// Keys of this replica's own pending transactions, open or sealed.
+    own_keys: HashSet<(u64, u64)>,
+    own_bytes: usize,
+    batches: HashMap<Digest, PendingBatch>,
+    by_order: BTreeMap<u64, Digest>,
+    next_order: u64,
+    peer_bytes: HashMap<ReplicaId, usize>,
+    executed: HashSet<Digest>,
+    executed_order: VecDeque<Digest>,
 }
 
 impl Mempool {
-    pub fn new(max_txs: usize, max_bytes: usize) -> Mempool {
-        Mempool { queue: VecDeque::new(), keys: HashSet::new(), bytes: 0, max_txs, max_bytes }
+    pub fn new(me: ReplicaId, limits: MempoolLimits) -> Mempool {
+        Mempool {
+            me,
+            limits,
+            sealed: Vec::new(),
+            open: Vec::new(),
+            open_bytes: 0,
+            open_since: None,
+            own_keys: HashSet::new(),
+            own_bytes: 0,
+            batches: HashMap::new(),
+            by_order: BTreeMap::new(),
+            next_order: 0,
+            peer_bytes: HashMap::new(),
+            executed: HashSet::new(),
+            executed_order: VecDeque::new(),
+        }
     }
 
-    pub fn add(&mut self, tx: Transaction) -> Admission {
-        if self.keys.contains(&(tx.client, tx.sequence)) {
+    /// Admits a client transaction into this replica's open batch (sealing the open
+    /// batch first if the transaction would not fit, and after it if it is full).
+    pub fn add(&mut self, tx: Transaction, now: Instant) -> Admission {
+        let key = (tx.client, tx.sequence);
+        if self.own_keys.contains(&key) {
             return Admission::Duplicate;
         }
-        if self.queue.len() >= self.max_txs || self.bytes + tx.op.len() > self.max_bytes {
+        let size = tx.op.len() + TX_ENVELOPE_BYTES;
+        if self.own_keys.len() >= self.limits.max_txs || self.own_bytes + size > self.limits.max_bytes {
             return Admission::Full;
         }
-        self.keys.insert((tx.client, tx.sequence));
-        self.bytes += tx.op.len();
-        self.queue.push_back(tx);
+        if self.open_bytes + size > self.batch_cap() {
+            self.seal(now);
+        }
+        self.own_keys.insert(key);
+        self.own_bytes += size;
+        self.open_bytes += size;
+        self.open.push(tx);
+        self.open_since.get_or_insert(now);
+        if self.open.len() >= self.limits.batch_txs || self.open_bytes >= self.batch_cap() {
+            self.seal(now);
+        }
         Admission::Accepted
     }
 
-    /// Up to `max_txs` of the oldest transactions not in `exclude` (what the chain
-    /// being extended already orders) whose encoding fits in `max_bytes`. They stay
-    /// pending until committed, so a proposal that is abandoned loses nothing.
-    pub fn batch(&self, exclude: &HashSet<(u64, u64)>, max_txs: usize, max_bytes: usize) -> Vec<Transaction> {
+    /// Encoded bytes a batch is sealed at (room left for the length prefix).
+    fn batch_cap(&self) -> usize {
+        self.limits.batch_bytes.min(MAX_BATCH_BYTES - 64)
+    }
+
+    /// When the open batch is due to be sealed, if it holds anything.
+    pub fn seal_deadline(&self) -> Option<Instant> {
+        self.open_since.map(|since| since + self.limits.batch_delay)
+    }
+
+    /// Seals the open batch (if any) as one of this replica's; its bytes wait in
+    /// [`Mempool::take_sealed`] to be sent to every peer.
+    pub fn seal(&mut self, now: Instant) {
+        if self.open.is_empty() {
+            return;
+        }
+        let txs = std::mem::take(&mut self.open);
+        self.open_bytes = 0;
+        self.open_since = None;
+        let keys: Vec<_> = txs.iter().map(|t| (t.client, t.sequence)).collect();
+        let bytes = Arc::new(encode_batch(&txs));
+        let digest = batch_digest(&bytes);
+        if self.executed.contains(&digest) || self.batches.contains_key(&digest) {
+            // The same transactions in the same order were batched before (only
+            // possible after a restart); they are already ordered or pending.
+            self.release_own(&keys);
+            return;
+        }
+        self.insert(digest, self.me, bytes.clone(), Some((keys, now)));
+        self.sealed.push((digest, bytes));
+    }
+
+    /// Batches sealed since the last call, to send to every peer.
+    pub fn take_sealed(&mut self) -> Vec<(Digest, Arc<Vec<u8>>)> {
+        std::mem::take(&mut self.sealed)
+    }
+
+    fn insert(
+        &mut self,
+        digest: Digest,
+        author: ReplicaId,
+        bytes: Arc<Vec<u8>>,
+        own: Option<(Vec<(u64, u64)>, Instant)>,
+    ) {
+        let order = self.next_order;
+        self.next_order += 1;
+        self.by_order.insert(order, digest);
+        self.batches.insert(digest, PendingBatch { author, bytes, persisted: false, order, own });
+    }
+
+    /// Stores a batch `author` sent (its digest computed by the receiver).
+    pub fn add_batch(&mut self, author: ReplicaId, digest: Digest, bytes: Arc<Vec<u8>>) -> BatchAdmission {
+        if self.batches.contains_key(&digest) || self.executed.contains(&digest) {
+            return BatchAdmission::Known;
+        }
+        let used = self.peer_bytes.entry(author).or_default();
+        if *used + bytes.len() > self.limits.peer_quota_bytes {
+            return BatchAdmission::OverQuota;
+        }
+        *used += bytes.len();
+        self.insert(digest, author, bytes, None);
+        BatchAdmission::Stored
+    }
+
+    pub fn batch(&self, digest: &Digest) -> Option<&PendingBatch> {
+        self.batches.get(digest)
+    }
+
+    pub fn contains(&self, digest: &Digest) -> bool {
+        self.batches.contains_key(digest)
+    }
+
+    pub fn was_executed(&self, digest: &Digest) -> bool {
+        self.executed.contains(digest)
+    }
+
+    pub fn mark_persisted(&mut self, digest: &Digest) {
+        if let Some(batch) = self.batches.get_mut(digest) {
+            batch.persisted = true;
+        }
+    }
+
+    /// Up to `max` pending batches, oldest first, leaving out `exclude` (what the
+    /// chain being extended already orders).
+    pub fn select(&self, exclude: &HashSet<Digest>, max: usize) -> Vec<Digest> {
+        self.by_order.values().filter(|d| !exclude.contains(*d)).take(max).copied().collect()
+    }
+
+    /// Forgets an executed batch: it is no longer pending, and a late copy of it is
+    /// recognised.
+    pub fn executed(&mut self, digest: Digest) {
+        if let Some(batch) = self.batches.remove(&digest) {
+            self.by_order.remove(&batch.order);
+            match batch.own {
+                Some((keys, _)) => self.release_own(&keys),
+                None => {
+                    if let Some(used) = self.peer_bytes.get_mut(&batch.author) {
+                        *used = used.saturating_sub(batch.bytes.len());
+                    }
+                }
+            }
+        }
+        if self.executed.insert(digest) {
+            self.executed_order.push_back(digest);
+            if self.executed_order.len() > EXECUTED_REMEMBERED
+                && let Some(old) = self.executed_order.pop_front()
+            {
+                self.executed.remove(&old);
+            }
+        }
+    }
+
+    /// Frees the admission budget of own transactions that are no longer pending.
+    /// (Executed transactions are removed by key; their sizes are not tracked per key,
+    /// so the byte budget is recomputed from what is still pending.)
+    fn release_own(&mut self, keys: &[(u64, u64)]) {
+        for key in keys {
+            self.own_keys.remove(key);
+        }
+        self.own_bytes = self.open_bytes
+            + self.batches.values().filter(|b| b.own.is_some()).map(|b| b.bytes.len()).sum::<usize>();
+    }
+
+    /// Up to `max` of this replica's own unexecuted batches, last sent more than
+    /// `after` ago and not in `named` (batches some in-flight block orders: whoever
+    /// lacks those fetches them); marks them sent now.
+    pub fn due_for_resend(
+        &mut self,
+        now: Instant,
+        after: Duration,
+        named: &HashSet<Digest>,
+        max: usize,
+    ) -> Vec<Arc<Vec<u8>>> {
         let mut out = Vec::new();
-        let mut bytes = 0;
-        for tx in &self.queue {
-            let size = tx.op.len() + TX_ENVELOPE_BYTES;
-            if out.len() >= max_txs || bytes + size > max_bytes {
+        for digest in self.by_order.values() {
+            if out.len() >= max {
                 break;
             }
-            if !exclude.contains(&(tx.client, tx.sequence)) {
-                bytes += size;
-                out.push(tx.clone());
+            let Some(batch) = self.batches.get_mut(digest) else { continue };
+            if let Some((_, sent)) = &mut batch.own
+                && now.duration_since(*sent) >= after
+                && !named.contains(digest)
+            {
+                *sent = now;
+                out.push(batch.bytes.clone());
             }
         }
         out
     }
 
-    /// Forgets transactions that were executed.
-    pub fn remove_executed(&mut self, executed: &HashSet<(u64, u64)>) {
-        if executed.is_empty() {
-            return;
-        }
-        let mut removed = 0;
-        self.queue.retain(|tx| {
-            let keep = !executed.contains(&(tx.client, tx.sequence));
-            if !keep {
-                removed += tx.op.len();
-            }
-            keep
-        });
-        self.bytes -= removed;
-        for key in executed {
-            self.keys.remove(key);
-        }
-    }
-
+    /// Pending transactions: this replica's own (open or sealed) and its peers' batches.
     pub fn len(&self) -> usize {
-        self.queue.len()
+        self.own_keys.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
+        self.open.is_empty() && self.batches.is_empty()
     }
 
-    pub fn bytes(&self) -> usize {
-        self.bytes
+    /// Batches available and not executed.
+    pub fn pending_batches(&self) -> usize {
+        self.batches.len()
+    }
+
+    pub fn open_transactions(&self) -> usize {
+        self.open.len()
     }
 }
 
@@ -94,35 +302,88 @@ impl Mempool {
 mod tests {
     use super::*;
 
+    fn limits() -> MempoolLimits {
+        MempoolLimits {
+            max_txs: 3,
+            max_bytes: 1000,
+            batch_txs: 2,
+            batch_bytes: 1 << 20,
+            batch_delay: Duration::from_millis(10),
+            peer_quota_bytes: 100,
+        }
+    }
+
     fn tx(client: u64, sequence: u64, len: usize) -> Transaction {
         Transaction { client, sequence, op: vec![0; len] }
     }
 
     #[test]
-    fn bounded_deduplicated_and_batched() {
-        let mut m = Mempool::new(3, 100);
-        assert_eq!(m.add(tx(1, 1, 10)), Admission::Accepted);
-        assert_eq!(m.add(tx(1, 1, 10)), Admission::Duplicate);
-        assert_eq!(m.add(tx(1, 2, 95)), Admission::Full, "byte bound");
-        assert_eq!(m.add(tx(2, 1, 10)), Admission::Accepted);
-        assert_eq!(m.add(tx(3, 1, 10)), Admission::Accepted);
-        assert_eq!(m.add(tx(4, 1, 10)), Admission::Full, "count bound");
-        let exclude = HashSet::from([(2, 1)]);
-        let batch = m.batch(&exclude, 10, 1000);
-        assert_eq!(batch.iter().map(|t| t.client).collect::<Vec<_>>(), vec![1, 3]);
-        m.remove_executed(&HashSet::from([(1, 1), (2, 1)]));
-        assert_eq!((m.len(), m.bytes()), (1, 10));
+    fn own_transactions_are_bounded_deduplicated_and_sealed_by_size_or_delay() {
+        let t0 = Instant::now();
+        let mut m = Mempool::new(ReplicaId(0), limits());
+        assert_eq!(m.add(tx(1, 1, 10), t0), Admission::Accepted);
+        assert_eq!(m.add(tx(1, 1, 10), t0), Admission::Duplicate);
+        assert!(m.take_sealed().is_empty(), "one transaction: still open");
+        assert_eq!(m.seal_deadline(), Some(t0 + Duration::from_millis(10)));
+        assert_eq!(m.add(tx(2, 1, 10), t0), Admission::Accepted);
+        let sealed = m.take_sealed();
+        assert_eq!(sealed.len(), 1, "two transactions: full, sealed");
+        assert_eq!(m.seal_deadline(), None);
+        let (digest, bytes) = sealed[0].clone();
+        assert_eq!(digest, batch_digest(&bytes));
+        assert_eq!(m.add(tx(2, 1, 10), t0), Admission::Duplicate, "pending in a sealed batch");
+        assert_eq!(m.add(tx(3, 1, 10), t0), Admission::Accepted);
+        assert_eq!(m.add(tx(4, 1, 10), t0), Admission::Full, "count bound");
+        assert_eq!(m.select(&HashSet::new(), 10), vec![digest]);
+        m.executed(digest);
+        assert_eq!(m.len(), 1);
+        assert_eq!(m.add(tx(4, 1, 10), t0), Admission::Accepted, "budget released on execution");
+        assert_eq!(m.add_batch(ReplicaId(1), digest, bytes), BatchAdmission::Known, "executed: a late copy");
     }
 
     #[test]
-    fn a_full_batch_always_fits_in_a_block() {
-        let mut m = Mempool::new(100_000, 1 << 30);
-        for i in 0..5_000 {
-            m.add(Transaction { client: u64::MAX - i, sequence: u64::MAX - i, op: vec![7; 512] });
+    fn peers_batches_are_held_within_a_quota_and_selected_oldest_first() {
+        let mut m = Mempool::new(ReplicaId(0), limits());
+        let batch = |n: u8| Arc::new(vec![n; 40]);
+        let d = |n: u8| batch_digest(&batch(n));
+        assert_eq!(m.add_batch(ReplicaId(1), d(1), batch(1)), BatchAdmission::Stored);
+        assert_eq!(m.add_batch(ReplicaId(1), d(1), batch(1)), BatchAdmission::Known);
+        assert_eq!(m.add_batch(ReplicaId(2), d(2), batch(2)), BatchAdmission::Stored);
+        assert_eq!(m.add_batch(ReplicaId(1), d(3), batch(3)), BatchAdmission::Stored);
+        assert_eq!(m.add_batch(ReplicaId(1), d(4), batch(4)), BatchAdmission::OverQuota, "120 > 100 bytes");
+        assert_eq!(m.select(&HashSet::from([d(2)]), 10), vec![d(1), d(3)]);
+        assert_eq!(m.select(&HashSet::new(), 2), vec![d(1), d(2)]);
+        m.executed(d(1));
+        assert_eq!(m.add_batch(ReplicaId(1), d(4), batch(4)), BatchAdmission::Stored, "quota released");
+    }
+
+    #[test]
+    fn a_full_batch_fits_in_a_batch_message() {
+        let t0 = Instant::now();
+        let mut m = Mempool::new(
+            ReplicaId(0),
+            MempoolLimits {
+                max_txs: 100_000,
+                max_bytes: 1 << 30,
+                batch_txs: 100_000,
+                batch_bytes: MAX_BATCH_BYTES,
+                batch_delay: Duration::from_secs(1),
+                peer_quota_bytes: 1 << 30,
+            },
+        );
+        let (mut n, mut sealed) = (0, Vec::new());
+        while sealed.is_empty() {
+            // Operations of the largest size, so the last one does not fit.
+            m.add(tx(u64::MAX - n, u64::MAX - n, crate::wire::MAX_OP_BYTES - n as usize), t0);
+            n += 1;
+            sealed = m.take_sealed();
         }
-        let batch = m.batch(&HashSet::new(), 100_000, crate::wire::MAX_BATCH_BYTES);
-        assert!(batch.len() > 1_000);
-        let payload = crate::wire::encode_batch(&batch);
-        assert!(payload.0.len() <= bulwark_consensus::hotstuff::MAX_PAYLOAD_BYTES, "{}", payload.0.len());
+        m.seal(t0);
+        sealed.extend(m.take_sealed());
+        assert_eq!(sealed.len(), 2, "the full batch, then the transaction that did not fit");
+        for (_, bytes) in sealed {
+            assert!(bytes.len() <= MAX_BATCH_BYTES, "{n} txs, {} bytes", bytes.len());
+            assert!(crate::wire::decode_batch(&bytes).is_some());
+        }
     }
 }

@@ -33,6 +33,14 @@ pub struct Metrics {
     pub duplicate_transactions: Counter,
     pub batch_transactions: Counter,
     pub mempool_depth: Gauge,
+    /// Batches available and not executed.
+    pub pending_batches: Gauge,
+    /// Replica messages held until the batches they name arrive.
+    pub held_messages: Gauge,
+    /// Batch events (sealed, received, fetched, served, refused ...), by event.
+    pub batches: Family<Labels, Counter>,
+    /// Snapshot events (written, skipped_busy, failed), by event.
+    pub snapshots: Family<Labels, Counter>,
     pub evidence: Counter,
     /// Evidence recorded, by offender and kind.
     pub evidence_against: Family<Labels, Counter>,
@@ -69,6 +77,10 @@ impl Default for Metrics {
             duplicate_transactions: Counter::default(),
             batch_transactions: Counter::default(),
             mempool_depth: Gauge::default(),
+            pending_batches: Gauge::default(),
+            held_messages: Gauge::default(),
+            batches: Family::default(),
+            snapshots: Family::default(),
             evidence: Counter::default(),
             evidence_against: Family::default(),
             byzantine: Family::default(),
@@ -110,10 +122,22 @@ impl Default for Metrics {
         );
         registry.register(
             "batch_transactions",
-            "Transactions in proposed batches",
+            "Transactions sealed into this replica's batches",
             m.batch_transactions.clone(),
         );
-        registry.register("mempool_depth", "Pending transactions", m.mempool_depth.clone());
+        registry.register(
+            "mempool_depth",
+            "This replica's pending client transactions",
+            m.mempool_depth.clone(),
+        );
+        registry.register("pending_batches", "Batches available and not executed", m.pending_batches.clone());
+        registry.register(
+            "held_messages",
+            "Replica messages held until the batches they name arrive",
+            m.held_messages.clone(),
+        );
+        registry.register("batches", "Batch events, by event", m.batches.clone());
+        registry.register("snapshots", "Application snapshot events, by event", m.snapshots.clone());
         registry.register("evidence", "Misbehaviour evidence recorded", m.evidence.clone());
         registry.register(
             "evidence_against",

@@ -21,6 +21,7 @@ use crate::metrics::{Endpoints, Metrics};
 use crate::replica::{Runtime, RuntimeConfig, RuntimeError, Status, spawn_verifier};
 use crate::status::StatusReport;
 use crate::storage::{StorageError, Store};
+use crate::wire::PeerMessage;
 
 /// Everything one replica needs to run.
 pub struct ReplicaSettings {
@@ -277,7 +278,7 @@ where
     }
     let (status_tx, status) = watch::channel(Status { byzantine: byzantine.clone(), ..Status::default() });
     let committee = Arc::new(settings.committee.clone());
-    let (network, raw_inbound) = ReplicaNetwork::start(
+    let (network, raw_inbound) = ReplicaNetwork::<PeerMessage<M>>::start(
         settings.network.clone(),
         settings.committee.clone(),
         settings.id,

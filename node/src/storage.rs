@@ -7,7 +7,9 @@
 //! - `chain`: chain records (blocks) by digest;
 //! - `safety`: the latest safety record;
 //! - `log`: committed height -> block digest;
-//! - `snapshot`: the latest application snapshot with its height.
+//! - `snapshot`: the latest application snapshot with its height;
+//! - `batches`: transaction batches by digest, written with the first chain record
+//!   that names them (so a block is never durable without its transactions).
 
 use std::path::{Path, PathBuf};
 
@@ -17,8 +19,8 @@ use rocksdb::{ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
 use serde::{Deserialize, Serialize};
 
 /// Bumped when the on-disk format changes incompatibly.
-pub const STORAGE_VERSION: u32 = 1;
-const CFS: [&str; 5] = ["meta", "chain", "safety", "log", "snapshot"];
+pub const STORAGE_VERSION: u32 = 2;
+const CFS: [&str; 6] = ["meta", "chain", "safety", "log", "snapshot", "batches"];
 /// Largest stored value accepted when reading back.
 const MAX_RECORD_BYTES: usize = 64 << 20;
 
@@ -106,11 +108,22 @@ impl Store {
         cf: &'static str,
         key: &[u8],
     ) -> Result<Option<T>, StorageError> {
+        self.get_limited(cf, key, MAX_RECORD_BYTES)
+    }
+
+    fn get_limited<T: serde::de::DeserializeOwned>(
+        &self,
+        cf: &'static str,
+        key: &[u8],
+        limit: usize,
+    ) -> Result<Option<T>, StorageError> {
         match self.db.get_cf(self.cf(cf)?, key)? {
             None => Ok(None),
-            Some(bytes) => codec::decode(&bytes, MAX_RECORD_BYTES)
-                .map(Some)
-                .map_err(|e| StorageError::Corrupt { cf, key: hex_key(key), reason: e.to_string() }),
+            Some(bytes) => codec::decode_large(&bytes, limit).map(Some).map_err(|e| StorageError::Corrupt {
+                cf,
+                key: hex_key(key),
+                reason: e.to_string(),
+            }),
         }
     }
 
@@ -130,10 +143,23 @@ impl Store {
     /// step's messages may leave. Chain records go by digest, the others replace the
     /// safety state.
     pub fn persist<R: StoredRecord>(&self, records: &[R]) -> Result<(), StorageError> {
-        if records.is_empty() {
+        self.persist_with_batches(records, &[])
+    }
+
+    /// [`Store::persist`], with the transaction batches the records name written in
+    /// the same atomic, synced write.
+    pub fn persist_with_batches<R: StoredRecord>(
+        &self,
+        records: &[R],
+        batches: &[(Digest, &[u8])],
+    ) -> Result<(), StorageError> {
+        if records.is_empty() && batches.is_empty() {
             return Ok(());
         }
         let mut batch = WriteBatch::default();
+        for (digest, bytes) in batches {
+            batch.put_cf(self.cf("batches")?, digest.as_bytes(), bytes);
+        }
         for record in records {
             let bytes = codec::encode(record)?;
             match record.chain_link() {
@@ -142,6 +168,11 @@ impl Store {
             }
         }
         self.write(batch, true)
+    }
+
+    /// A stored transaction batch (its encoded bytes; they hash to `digest`).
+    pub fn batch(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.db.get_cf(self.cf("batches")?, digest.as_bytes())?)
     }
 
     /// The latest safety record, if any.
@@ -216,7 +247,7 @@ impl Store {
     }
 
     pub fn snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
-        self.get("snapshot", b"latest")
+        self.get_limited("snapshot", b"latest", crate::app::MAX_SNAPSHOT_BYTES + 4096)
     }
 
     /// Approximate bytes on disk (SST files), for metrics.

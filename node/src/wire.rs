@@ -9,11 +9,59 @@ use crate::app::Transaction;
 
 /// Largest operation a client may submit.
 pub const MAX_OP_BYTES: usize = 128 << 10;
-/// Largest block payload the mempool builds: what the consensus core accepts, less room
-/// for the encoding of each transaction's envelope (see [`TX_ENVELOPE_BYTES`]).
-pub const MAX_BATCH_BYTES: usize = bulwark_consensus::hotstuff::MAX_PAYLOAD_BYTES - 4096;
+/// Largest encoded batch a replica builds or accepts from a peer.
+pub const MAX_BATCH_BYTES: usize = 1 << 20;
 /// An upper bound on what encoding adds to each transaction's operation bytes.
 pub const TX_ENVELOPE_BYTES: usize = 32;
+/// Most batch digests one block payload names.
+pub const MAX_BLOCK_BATCHES: usize = 256;
+
+/// What replicas send each other: their core's messages, and the transaction batches
+/// that block payloads name by digest.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum PeerMessage<M> {
+    Consensus(M),
+    /// An encoded batch of transactions; it is named by [`batch_digest`] of these bytes.
+    Batch(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Asks for the batches with these digests (at most [`MAX_FETCH_BATCHES`] are served).
+    FetchBatches(Vec<Digest>),
+}
+
+/// Most batches served for one [`PeerMessage::FetchBatches`].
+pub const MAX_FETCH_BATCHES: usize = 64;
+
+/// The name of a batch: SHA-256 over its encoding, domain-separated.
+pub fn batch_digest(bytes: &[u8]) -> Digest {
+    Digest::of_parts(&[b"bulwark/batch", bytes])
+}
+
+/// Encodes a batch of transactions (what [`PeerMessage::Batch`] carries).
+pub fn encode_batch(txs: &[Transaction]) -> Vec<u8> {
+    codec::encode(txs).unwrap_or_default()
+}
+
+/// The transactions of an encoded batch; `None` if it does not decode or is too large.
+pub fn decode_batch(bytes: &[u8]) -> Option<Vec<Transaction>> {
+    if bytes.len() > MAX_BATCH_BYTES {
+        return None;
+    }
+    codec::decode(bytes, MAX_BATCH_BYTES).ok()
+}
+
+/// A block payload: the digests of the batches it orders, in order.
+pub fn encode_block_payload(batches: &[Digest]) -> Payload {
+    Payload(codec::encode(batches).unwrap_or_default())
+}
+
+/// The batch digests a block payload orders. A payload that does not decode or names
+/// too many batches (a Byzantine proposer's garbage) orders nothing, identically on
+/// every replica.
+pub fn decode_block_payload(payload: &[u8]) -> Vec<Digest> {
+    match codec::decode::<Vec<Digest>>(payload, MAX_BLOCK_BATCHES * 40 + 16) {
+        Ok(digests) if digests.len() <= MAX_BLOCK_BATCHES => digests,
+        _ => Vec::new(),
+    }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum RequestKind {
@@ -21,6 +69,9 @@ pub enum RequestKind {
     Ordered,
     /// Answered from this replica's committed state, marked with its height.
     LocalRead,
+    /// No operation: asks the replica to send this client the replies of its requests
+    /// that reach the replica through other replicas' batches. Sent once per session.
+    Subscribe,
 }
 
 /// A client request. `(client, sequence)` identifies it: a retry with the same pair is
@@ -58,6 +109,10 @@ pub enum Rejection {
     Malformed(String),
 }
 
+/// What a replica sends a client in one frame: the replies of one executed block to
+/// that client (or one reply: a rejection, a local read).
+pub type Replies = Vec<Reply>;
+
 /// A replica's answer to one request.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reply {
@@ -74,14 +129,4 @@ pub fn client_id_of(key: &PublicKey) -> u64 {
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest.as_bytes()[..8]);
     u64::from_le_bytes(first)
-}
-
-/// The transactions of a block payload. A payload that does not decode (a Byzantine
-/// proposer's garbage) orders nothing, identically on every replica.
-pub fn decode_batch(payload: &Payload) -> Vec<Transaction> {
-    codec::decode(&payload.0, MAX_BATCH_BYTES * 2).unwrap_or_default()
-}
-
-pub fn encode_batch(txs: &[Transaction]) -> Payload {
-    Payload(codec::encode(txs).unwrap_or_default())
 }

@@ -258,7 +258,7 @@ async fn restarted_replica_catches_up(protocol: ProtocolKind, victim: usize) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn bad_client_input_gets_clear_errors_and_changes_nothing() {
     use bulwark_network::ClientConnection;
-    use bulwark_node::wire::{MAX_OP_BYTES, Outcome, Rejection, Reply, Request, RequestKind, client_id_of};
+    use bulwark_node::wire::{MAX_OP_BYTES, Outcome, Rejection, Replies, Request, RequestKind, client_id_of};
 
     let cluster = Cluster::start(4).await;
     let endpoints = cluster.endpoints();
@@ -266,7 +266,7 @@ async fn bad_client_input_gets_clear_errors_and_changes_nothing() {
         let committee = cluster.committee.clone();
         let (replica, address) = endpoints[0];
         async move {
-            ClientConnection::<Request, Reply>::connect(
+            ClientConnection::<Request, Replies>::connect(
                 NetworkConfig::default(),
                 &committee,
                 replica,
@@ -282,7 +282,7 @@ async fn bad_client_input_gets_clear_errors_and_changes_nothing() {
     let mut raw = connect(None).await;
     let big = Request { client: 7, sequence: 1, kind: RequestKind::Ordered, op: vec![0; MAX_OP_BYTES + 1] };
     raw.send(&big).await.expect("send");
-    let reply = raw.recv().await.expect("reply");
+    let reply = raw.recv().await.expect("reply").remove(0);
     assert_eq!(
         reply.outcome,
         Outcome::Rejected(Rejection::TooLarge { len: MAX_OP_BYTES + 1, limit: MAX_OP_BYTES })
@@ -299,7 +299,7 @@ async fn bad_client_input_gets_clear_errors_and_changes_nothing() {
     };
     keyed.send(&forged).await.expect("send");
     assert!(matches!(
-        keyed.recv().await.expect("reply").outcome,
+        keyed.recv().await.expect("reply").remove(0).outcome,
         Outcome::Rejected(Rejection::WrongClientId { .. })
     ));
 
@@ -321,10 +321,11 @@ async fn bad_client_input_gets_clear_errors_and_changes_nothing() {
     let replay =
         Request { client: client.id(), sequence: first.sequence, kind: RequestKind::Ordered, op: put(42) };
     raw.send(&replay).await.expect("send");
-    let reply = loop {
-        let reply = raw.recv().await.expect("reply");
-        if reply.sequence == first.sequence {
-            break reply;
+    let reply = 'found: loop {
+        for reply in raw.recv().await.expect("replies") {
+            if reply.sequence == first.sequence {
+                break 'found reply;
+            }
         }
     };
     assert_eq!(reply.height, first.height, "the replay is answered from the original execution");

@@ -356,6 +356,14 @@ impl Verify for Message {
 impl WireMessage for Message {
     // A sync response of 64 blocks of full payloads, with room for certificates.
     const MAX_ENCODED_BYTES: usize = MAX_SYNC_BLOCKS * (MAX_PAYLOAD_BYTES / 16) + (1 << 20);
+
+    fn payloads(&self) -> Vec<&[u8]> {
+        match self {
+            Message::Proposal(p) => vec![&p.block.payload.0],
+            Message::SyncResponse(r) => r.blocks.iter().map(|b| b.payload.0.as_slice()).collect(),
+            Message::Vote(_) | Message::Timeout(_) | Message::SyncRequest(_) => Vec::new(),
+        }
+    }
 }
 
 /// The state that keeps a replica from contradicting itself across restarts

@@ -501,6 +501,22 @@ impl WireMessage for Message {
     // A state-transfer answer (its byte budget, one full entry beyond it, and room for
     // certificates); a new view with 2f+1 view changes of a full window stays below.
     const MAX_ENCODED_BYTES: usize = MAX_FETCH_BYTES + MAX_PAYLOAD_BYTES + MAX_FETCH_ENTRIES * 8192;
+
+    fn payloads(&self) -> Vec<&[u8]> {
+        match self {
+            Message::PrePrepare(p) => vec![&p.payload.0],
+            Message::LogEntries(entries) => entries.iter().map(|e| e.payload.0.as_slice()).collect(),
+            Message::PayloadReply(bytes) => vec![bytes],
+            Message::Prepare(_)
+            | Message::Commit(_)
+            | Message::Checkpoint(_)
+            | Message::ViewChange(_)
+            | Message::NewView(_)
+            | Message::FetchLog { .. }
+            | Message::FetchPayload(_)
+            | Message::FetchView(_) => Vec::new(),
+        }
+    }
 }
 
 /// The state a restarted replica must not contradict.

@@ -1,11 +1,9 @@
 //! The key-value store: put, get, delete, compare-and-swap and range.
 
-use std::collections::BTreeMap;
-
 use bulwark_crypto::{Digest, Hasher, codec};
 use serde::{Deserialize, Serialize};
 
-use super::{QueryError, Receipt, RestoreError, StateMachine, Transaction};
+use super::{QueryError, Receipt, RestoreError, SnapshotJob, StateMachine, Transaction};
 
 /// Largest key and value the store accepts.
 pub const MAX_KEY_BYTES: usize = 1024;
@@ -75,7 +73,7 @@ impl KvResult {
 
 #[derive(Default)]
 pub struct KvStore {
-    entries: BTreeMap<Vec<u8>, Vec<u8>>,
+    entries: imbl::OrdMap<Vec<u8>, Vec<u8>>,
     digest: Digest,
 }
 
@@ -155,12 +153,13 @@ impl StateMachine for KvStore {
         self.digest
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        codec::encode(&(&self.digest, &self.entries)).unwrap_or_default()
+    fn snapshot(&self) -> SnapshotJob {
+        let (digest, entries) = (self.digest, self.entries.clone());
+        Box::new(move || codec::encode(&(&digest, &entries)).unwrap_or_default())
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError> {
-        let (digest, entries) = codec::decode(snapshot, codec::MAX_DECODE_BYTES)
+        let (digest, entries) = codec::decode_large(snapshot, super::MAX_SNAPSHOT_BYTES)
             .map_err(|e| RestoreError::Malformed(e.to_string()))?;
         self.digest = digest;
         self.entries = entries;
@@ -208,7 +207,7 @@ mod tests {
         );
         assert!(matches!(results[6], KvResult::Invalid(_)));
         let mut c = KvStore::default();
-        c.restore(&a.snapshot()).unwrap();
+        c.restore(&(a.snapshot())()).unwrap();
         assert_eq!(c.state_digest(), a.state_digest());
         assert_eq!(
             c.query(&KvOp::Get { key: b"a".to_vec() }.encode()).unwrap(),

@@ -4,12 +4,10 @@
 //! transfer signed by the wrong key is rejected identically everywhere. The signatures of
 //! a block's transfers are checked together with one batch verification.
 
-use std::collections::BTreeMap;
-
 use bulwark_crypto::{ChainId, Digest, Domain, Hasher, KeyPair, PublicKey, Signature, codec};
 use serde::{Deserialize, Serialize};
 
-use super::{QueryError, Receipt, RestoreError, StateMachine, Transaction};
+use super::{QueryError, Receipt, RestoreError, SnapshotJob, StateMachine, Transaction};
 
 /// Balance a newly opened account starts with (the ledger's only issuance).
 pub const OPENING_BALANCE: u64 = 1_000;
@@ -79,13 +77,13 @@ struct Account {
 
 pub struct Ledger {
     chain: ChainId,
-    accounts: BTreeMap<[u8; 32], Account>,
+    accounts: imbl::OrdMap<[u8; 32], Account>,
     digest: Digest,
 }
 
 impl Ledger {
     pub fn new(chain: ChainId) -> Ledger {
-        Ledger { chain, accounts: BTreeMap::new(), digest: Digest::ZERO }
+        Ledger { chain, accounts: imbl::OrdMap::new(), digest: Digest::ZERO }
     }
 
     /// Checks a transfer's signature alone (at admission, before ordering).
@@ -230,12 +228,13 @@ impl StateMachine for Ledger {
         self.digest
     }
 
-    fn snapshot(&self) -> Vec<u8> {
-        codec::encode(&(&self.digest, &self.accounts)).unwrap_or_default()
+    fn snapshot(&self) -> SnapshotJob {
+        let (digest, accounts) = (self.digest, self.accounts.clone());
+        Box::new(move || codec::encode(&(&digest, &accounts)).unwrap_or_default())
     }
 
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError> {
-        let (digest, accounts) = codec::decode(snapshot, codec::MAX_DECODE_BYTES)
+        let (digest, accounts) = codec::decode_large(snapshot, super::MAX_SNAPSHOT_BYTES)
             .map_err(|e| RestoreError::Malformed(e.to_string()))?;
         self.digest = digest;
         self.accounts = accounts;
@@ -286,7 +285,7 @@ mod tests {
         assert!(a.admit(&forged.encode()).is_err(), "refused before ordering");
         assert!(a.admit(&ops[2].encode()).is_ok());
         let mut c = Ledger::new(chain);
-        c.restore(&a.snapshot()).unwrap();
+        c.restore(&(a.snapshot())()).unwrap();
         assert_eq!(c.total_supply(), a.total_supply());
     }
 }

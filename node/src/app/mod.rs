@@ -31,6 +31,12 @@ pub enum RestoreError {
     Malformed(String),
 }
 
+/// Largest snapshot a replica restores (its own, from its store).
+pub const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
+
+/// Encodes a frozen copy of an application's state (see [`StateMachine::snapshot`]).
+pub type SnapshotJob = Box<dyn FnOnce() -> Vec<u8> + Send>;
+
 /// A deterministic replicated state machine. Same transactions in the same order give
 /// the same receipts and the same state digest on every replica. `state_digest` is
 /// incremental (a hash chain over each block's effects), never a scan of the state.
@@ -44,6 +50,9 @@ pub trait StateMachine: Send + 'static {
         Ok(())
     }
     fn state_digest(&self) -> Digest;
-    fn snapshot(&self) -> Vec<u8>;
+    /// A frozen copy of the state, taken cheaply on the execution thread (the shipped
+    /// applications keep their state in persistent maps, cloned in O(1)); the returned
+    /// job encodes it on another thread.
+    fn snapshot(&self) -> SnapshotJob;
     fn restore(&mut self, snapshot: &[u8]) -> Result<(), RestoreError>;
 }
