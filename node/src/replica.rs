@@ -105,6 +105,7 @@ const RECENT_DIGESTS: usize = 256;
 const GAUGE_REFRESH: Duration = Duration::from_secs(1);
 
 type Req = ClientRequest<Request, Replies>;
+type CoreInput<P> = Input<<P as Protocol>::Message, <P as Protocol>::Record>;
 
 /// A chain record whose payload is not executed yet: its parent, the height it is
 /// about, and the batches it orders.
@@ -405,7 +406,7 @@ where
     fn execute(
         &mut self,
         block: &CommittedBlock,
-    ) -> Result<Option<Input<P::Message, P::Record>>, RuntimeError> {
+    ) -> Result<Option<CoreInput<P>>, RuntimeError> {
         if !self.executor.is_next(block) {
             return Ok(None);
         }
@@ -701,7 +702,7 @@ where
     /// at once (a leader does not wait out the batch delay), then the oldest pending
     /// batches that the chain being extended does not order yet. `None` while there is
     /// nothing to order and the idle delay has not passed (or `idle_due` is false).
-    fn take_payload(&mut self, idle_due: bool) -> Option<Input<P::Message, P::Record>> {
+    fn take_payload(&mut self, idle_due: bool) -> Option<CoreInput<P>> {
         let (request, at) = self.payload_wanted?;
         let now = Instant::now();
         if self.mempool.open_transactions() > 0 {
