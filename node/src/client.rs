@@ -150,6 +150,15 @@ impl Client {
         self.home
     }
 
+    /// Moves the home to the next connected replica.
+    fn rotate_home(&mut self) {
+        let next = match self.home {
+            Some(home) => self.senders.range(ReplicaId(home.0.saturating_add(1))..).next(),
+            None => None,
+        };
+        self.home = next.or_else(|| self.senders.iter().next()).map(|(id, _)| *id);
+    }
+
     pub fn id(&self) -> u64 {
         self.id
     }
@@ -193,8 +202,14 @@ impl Client {
             }
             self.retry_queue.pop_front();
             if let Some((request, to_all)) = self.outstanding.get_mut(&sequence) {
+                let first_retry = !*to_all;
                 *to_all = true;
                 let request = request.clone();
+                if first_retry {
+                    // The home replica did not get it certified in time (crashed,
+                    // partitioned or censoring): later requests start elsewhere.
+                    self.rotate_home();
+                }
                 self.send_all(&request).await;
                 self.retry_queue.push_back((sequence, now));
             }

@@ -403,10 +403,7 @@ where
 
     /// Executes one committed block (if it is the next one) and answers its clients;
     /// returns the core's [`Input::Executed`].
-    fn execute(
-        &mut self,
-        block: &CommittedBlock,
-    ) -> Result<Option<CoreInput<P>>, RuntimeError> {
+    fn execute(&mut self, block: &CommittedBlock) -> Result<Option<CoreInput<P>>, RuntimeError> {
         if !self.executor.is_next(block) {
             return Ok(None);
         }

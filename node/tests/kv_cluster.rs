@@ -244,6 +244,8 @@ async fn restarted_replica_catches_up(protocol: ProtocolKind, victim: usize) {
         }
     }
     assert!(!common.is_empty(), "no common height observed");
+    let restarted = cluster.replicas[victim].as_ref().expect("running");
+    eprintln!("restarted replica's batch events: {}", batch_events(restarted));
     // No acknowledged write was lost: all 200 keys read back through consensus.
     for i in (0..100).step_by(7) {
         let certified = client.execute(get(i)).await.expect("read");
@@ -394,4 +396,15 @@ async fn ledger_transfers_from_concurrent_clients_conserve_supply() {
     assert_eq!(total, 3 * OPENING_BALANCE);
     cluster.assert_same_digests();
     cluster.stop().await;
+}
+
+/// A replica's batch counters, for the log of a test.
+fn batch_events(replica: &bulwark_node::node::RunningReplica) -> String {
+    replica
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("bulwark_batches_total"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
