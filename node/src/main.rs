@@ -109,10 +109,10 @@ struct BenchArgs {
     /// The protocol of the fresh testnet: hotstuff or pbft.
     #[arg(long, default_value = "hotstuff", conflicts_with = "dir")]
     protocol: ProtocolKind,
-    /// Distinct keys per client, overwritten in turn (default: a new key per put, so
-    /// the replicas' state grows with the run).
-    #[arg(long)]
-    keys: Option<u64>,
+    /// Distinct keys per client, overwritten in turn; 0: a new key for every put (the
+    /// replicas' state then grows with the run).
+    #[arg(long, default_value_t = 10_000)]
+    keys: u64,
 }
 
 #[derive(Subcommand)]
@@ -621,7 +621,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             tx_size,
             duration: Duration::from_secs(duration),
             clients,
-            keys: args.keys,
+            keys: (args.keys > 0).then_some(args.keys),
         };
         let measured = bulwark_node::bench::run(&committee, &endpoints, load, move |elapsed, committed| {
             progress.set_position(elapsed.as_secs().min(duration));
