@@ -49,9 +49,10 @@ pub struct Client {
     tally: HashMap<u64, BTreeMap<(Height, Outcome), BTreeSet<ReplicaId>>>,
     /// The replica requests go to first.
     home: Option<ReplicaId>,
-    /// Submitted requests not certified yet, and whether they went to every replica.
-    /// Replies for any other sequence are ignored.
-    outstanding: HashMap<u64, (Request, bool)>,
+    /// Submitted requests not certified yet: the request, the home replica it was sent
+    /// to, and whether it went to every replica. Replies for any other sequence are
+    /// ignored.
+    outstanding: HashMap<u64, (Request, Option<ReplicaId>, bool)>,
     /// Sequences in the order they are due for a retry, with when they were last sent.
     retry_queue: VecDeque<(u64, tokio::time::Instant)>,
     pub timeout: Duration,
@@ -71,7 +72,7 @@ impl Client {
         let needed = committee.validity_threshold();
         let id = match key {
             Some(k) => client_id_of(&k.public()),
-            None => rand::random(),
+            None => crate::wire::keyless_client_id(),
         };
         let (reply_tx, replies) = mpsc::channel(65_536);
         let mut senders = BTreeMap::new();
@@ -178,7 +179,7 @@ impl Client {
             self.send_all(&request).await;
         }
         self.retry_queue.push_back((sequence, tokio::time::Instant::now()));
-        self.outstanding.insert(sequence, (request, to_all));
+        self.outstanding.insert(sequence, (request, self.home, to_all));
         sequence
     }
 
@@ -201,13 +202,14 @@ impl Client {
                 break;
             }
             self.retry_queue.pop_front();
-            if let Some((request, to_all)) = self.outstanding.get_mut(&sequence) {
-                let first_retry = !*to_all;
+            if let Some((request, sent_home, to_all)) = self.outstanding.get_mut(&sequence) {
+                // The home replica did not get it certified in time (crashed, partitioned
+                // or censoring): later requests start elsewhere (once per home, however
+                // many requests time out together).
+                let rotate = !*to_all && *sent_home == self.home;
                 *to_all = true;
                 let request = request.clone();
-                if first_retry {
-                    // The home replica did not get it certified in time (crashed,
-                    // partitioned or censoring): later requests start elsewhere.
+                if rotate {
                     self.rotate_home();
                 }
                 self.send_all(&request).await;
@@ -235,7 +237,7 @@ impl Client {
             // A rejection from the home replica alone cannot be certified: ask everyone
             // (another replica may accept, or f+1 confirm the rejection).
             if matches!(reply.outcome, Outcome::Rejected(_))
-                && let Some((request, to_all)) = self.outstanding.get_mut(&reply.sequence)
+                && let Some((request, _, to_all)) = self.outstanding.get_mut(&reply.sequence)
                 && !*to_all
             {
                 *to_all = true;
@@ -289,7 +291,14 @@ impl Client {
         let sequence = self.submit(op).await;
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
-            let reply = self.next_reply(deadline).await?;
+            let reply = match self.next_reply(deadline).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    // Given up: no more retries for it.
+                    self.outstanding.remove(&sequence);
+                    return Err(e);
+                }
+            };
             if reply.sequence != sequence {
                 continue;
             }

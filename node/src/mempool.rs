@@ -58,10 +58,23 @@ pub struct PendingBatch {
     pub persisted: bool,
     /// Arrival order (proposals take batches oldest first).
     order: u64,
-    /// For this replica's own batches: the keys of their transactions and when the
+    /// For this replica's own batches: what admission charged for them and when the
     /// batch was last sent to the peers.
-    own: Option<(Vec<(u64, u64)>, Instant)>,
+    own: Option<OwnBatch>,
 }
+
+struct OwnBatch {
+    keys: Vec<(u64, u64)>,
+    /// Bytes charged to the own-transaction budget.
+    charged: usize,
+    sent: Instant,
+}
+
+/// A peer's batch is charged at least this many bytes against its quota (so tiny
+/// batches cannot multiply bookkeeping) ...
+const MIN_BATCH_CHARGE: usize = 1024;
+/// ... and a peer has at most this many unexecuted batches.
+const MAX_PEER_BATCHES: usize = 4096;
 
 /// Executed batch digests remembered, so a late copy is not taken as new.
 const EXECUTED_REMEMBERED: usize = 65_536;
@@ -78,8 +91,11 @@ pub struct Mempool {
     own_bytes: usize,
     batches: HashMap<Digest, PendingBatch>,
     by_order: BTreeMap<u64, Digest>,
+    /// This replica's own pending batches, in the order they were sealed.
+    own_order: BTreeMap<u64, Digest>,
     next_order: u64,
-    peer_bytes: HashMap<ReplicaId, usize>,
+    /// Per peer: bytes charged and batches held.
+    peer_usage: HashMap<ReplicaId, (usize, usize)>,
     executed: HashSet<Digest>,
     executed_order: VecDeque<Digest>,
 }
@@ -97,8 +113,9 @@ impl Mempool {
             own_bytes: 0,
             batches: HashMap::new(),
             by_order: BTreeMap::new(),
+            own_order: BTreeMap::new(),
             next_order: 0,
-            peer_bytes: HashMap::new(),
+            peer_usage: HashMap::new(),
             executed: HashSet::new(),
             executed_order: VecDeque::new(),
         }
@@ -149,15 +166,18 @@ impl Mempool {
         self.open_bytes = 0;
         self.open_since = None;
         let keys: Vec<_> = txs.iter().map(|t| (t.client, t.sequence)).collect();
+        let charged = txs.iter().map(|t| t.op.len() + TX_ENVELOPE_BYTES).sum();
         let bytes = Arc::new(encode_batch(&txs));
         let digest = batch_digest(&bytes);
+        let own = OwnBatch { keys, charged, sent: now };
         if self.executed.contains(&digest) || self.batches.contains_key(&digest) {
             // The same transactions in the same order were batched before (only
             // possible after a restart); they are already ordered or pending.
-            self.release_own(&keys);
+            self.release_own(own);
             return;
         }
-        self.insert(digest, self.me, bytes.clone(), Some((keys, now)));
+        self.own_order.insert(self.next_order, digest);
+        self.insert(digest, self.me, bytes.clone(), Some(own));
         self.sealed.push((digest, bytes));
     }
 
@@ -166,30 +186,34 @@ impl Mempool {
         std::mem::take(&mut self.sealed)
     }
 
-    fn insert(
-        &mut self,
-        digest: Digest,
-        author: ReplicaId,
-        bytes: Arc<Vec<u8>>,
-        own: Option<(Vec<(u64, u64)>, Instant)>,
-    ) {
+    fn insert(&mut self, digest: Digest, author: ReplicaId, bytes: Arc<Vec<u8>>, own: Option<OwnBatch>) {
         let order = self.next_order;
         self.next_order += 1;
         self.by_order.insert(order, digest);
         self.batches.insert(digest, PendingBatch { author, bytes, persisted: false, order, own });
     }
 
-    /// Stores a batch `author` sent (its digest computed by the receiver).
-    pub fn add_batch(&mut self, author: ReplicaId, digest: Digest, bytes: Arc<Vec<u8>>) -> BatchAdmission {
+    /// Stores a batch `from` sent (its digest computed by the receiver), within that
+    /// peer's quota unless this replica asked for it (`solicited`: a block it is about
+    /// to vote for or execute names it, and held messages are bounded elsewhere).
+    pub fn add_batch(
+        &mut self,
+        from: ReplicaId,
+        digest: Digest,
+        bytes: Arc<Vec<u8>>,
+        solicited: bool,
+    ) -> BatchAdmission {
         if self.batches.contains_key(&digest) || self.executed.contains(&digest) {
             return BatchAdmission::Known;
         }
-        let used = self.peer_bytes.entry(author).or_default();
-        if *used + bytes.len() > self.limits.peer_quota_bytes {
+        let charge = bytes.len().max(MIN_BATCH_CHARGE);
+        let (used, count) = self.peer_usage.entry(from).or_default();
+        if !solicited && (*used + charge > self.limits.peer_quota_bytes || *count >= MAX_PEER_BATCHES) {
             return BatchAdmission::OverQuota;
         }
-        *used += bytes.len();
-        self.insert(digest, author, bytes, None);
+        *used += charge;
+        *count += 1;
+        self.insert(digest, from, bytes, None);
         BatchAdmission::Stored
     }
 
@@ -211,10 +235,30 @@ impl Mempool {
         }
     }
 
-    /// Up to `max` pending batches, oldest first, leaving out `exclude` (what the
-    /// chain being extended already orders).
+    /// Up to `max` pending batches, leaving out `exclude` (what the chain being
+    /// extended already orders): taken in turn from each author, each author's oldest
+    /// first, so one replica's backlog cannot starve the others'.
     pub fn select(&self, exclude: &HashSet<Digest>, max: usize) -> Vec<Digest> {
-        self.by_order.values().filter(|d| !exclude.contains(*d)).take(max).copied().collect()
+        let mut per_author: BTreeMap<ReplicaId, VecDeque<Digest>> = BTreeMap::new();
+        for digest in self.by_order.values().filter(|d| !exclude.contains(*d)) {
+            let Some(batch) = self.batches.get(digest) else { continue };
+            let queue = per_author.entry(batch.author).or_default();
+            if queue.len() < max {
+                queue.push_back(*digest);
+            }
+        }
+        let mut out = Vec::new();
+        while out.len() < max && !per_author.is_empty() {
+            per_author.retain(|_, queue| {
+                if out.len() < max
+                    && let Some(digest) = queue.pop_front()
+                {
+                    out.push(digest);
+                }
+                !queue.is_empty()
+            });
+        }
+        out
     }
 
     /// Forgets an executed batch: it is no longer pending, and a late copy of it is
@@ -223,10 +267,14 @@ impl Mempool {
         if let Some(batch) = self.batches.remove(&digest) {
             self.by_order.remove(&batch.order);
             match batch.own {
-                Some((keys, _)) => self.release_own(&keys),
+                Some(own) => {
+                    self.own_order.remove(&batch.order);
+                    self.release_own(own);
+                }
                 None => {
-                    if let Some(used) = self.peer_bytes.get_mut(&batch.author) {
-                        *used = used.saturating_sub(batch.bytes.len());
+                    if let Some((used, count)) = self.peer_usage.get_mut(&batch.author) {
+                        *used = used.saturating_sub(batch.bytes.len().max(MIN_BATCH_CHARGE));
+                        *count = count.saturating_sub(1);
                     }
                 }
             }
@@ -242,14 +290,11 @@ impl Mempool {
     }
 
     /// Frees the admission budget of own transactions that are no longer pending.
-    /// (Executed transactions are removed by key; their sizes are not tracked per key,
-    /// so the byte budget is recomputed from what is still pending.)
-    fn release_own(&mut self, keys: &[(u64, u64)]) {
-        for key in keys {
+    fn release_own(&mut self, own: OwnBatch) {
+        for key in &own.keys {
             self.own_keys.remove(key);
         }
-        self.own_bytes = self.open_bytes
-            + self.batches.values().filter(|b| b.own.is_some()).map(|b| b.bytes.len()).sum::<usize>();
+        self.own_bytes = self.own_bytes.saturating_sub(own.charged);
     }
 
     /// Up to `max` of this replica's own unexecuted batches, last sent more than
@@ -263,16 +308,16 @@ impl Mempool {
         max: usize,
     ) -> Vec<Arc<Vec<u8>>> {
         let mut out = Vec::new();
-        for digest in self.by_order.values() {
+        for digest in self.own_order.values() {
             if out.len() >= max {
                 break;
             }
             let Some(batch) = self.batches.get_mut(digest) else { continue };
-            if let Some((_, sent)) = &mut batch.own
-                && now.duration_since(*sent) >= after
+            if let Some(own) = &mut batch.own
+                && now.duration_since(own.sent) >= after
                 && !named.contains(digest)
             {
-                *sent = now;
+                own.sent = now;
                 out.push(batch.bytes.clone());
             }
         }
@@ -338,23 +383,35 @@ mod tests {
         m.executed(digest);
         assert_eq!(m.len(), 1);
         assert_eq!(m.add(tx(4, 1, 10), t0), Admission::Accepted, "budget released on execution");
-        assert_eq!(m.add_batch(ReplicaId(1), digest, bytes), BatchAdmission::Known, "executed: a late copy");
+        assert_eq!(
+            m.add_batch(ReplicaId(1), digest, bytes, false),
+            BatchAdmission::Known,
+            "executed: a late copy"
+        );
     }
 
     #[test]
-    fn peers_batches_are_held_within_a_quota_and_selected_oldest_first() {
-        let mut m = Mempool::new(ReplicaId(0), limits());
+    fn peers_batches_are_held_within_a_quota_and_selected_in_turn_per_author() {
+        let mut m = Mempool::new(ReplicaId(0), MempoolLimits { peer_quota_bytes: 2500, ..limits() });
         let batch = |n: u8| Arc::new(vec![n; 40]);
         let d = |n: u8| batch_digest(&batch(n));
-        assert_eq!(m.add_batch(ReplicaId(1), d(1), batch(1)), BatchAdmission::Stored);
-        assert_eq!(m.add_batch(ReplicaId(1), d(1), batch(1)), BatchAdmission::Known);
-        assert_eq!(m.add_batch(ReplicaId(2), d(2), batch(2)), BatchAdmission::Stored);
-        assert_eq!(m.add_batch(ReplicaId(1), d(3), batch(3)), BatchAdmission::Stored);
-        assert_eq!(m.add_batch(ReplicaId(1), d(4), batch(4)), BatchAdmission::OverQuota, "120 > 100 bytes");
-        assert_eq!(m.select(&HashSet::from([d(2)]), 10), vec![d(1), d(3)]);
+        assert_eq!(m.add_batch(ReplicaId(1), d(1), batch(1), false), BatchAdmission::Stored);
+        assert_eq!(m.add_batch(ReplicaId(1), d(1), batch(1), false), BatchAdmission::Known);
+        assert_eq!(m.add_batch(ReplicaId(2), d(2), batch(2), false), BatchAdmission::Stored);
+        assert_eq!(m.add_batch(ReplicaId(1), d(3), batch(3), false), BatchAdmission::Stored);
+        // Each batch is charged at least 1 KiB: a third one from peer 1 is over 2,500.
+        assert_eq!(m.add_batch(ReplicaId(1), d(4), batch(4), false), BatchAdmission::OverQuota);
+        assert_eq!(m.add_batch(ReplicaId(1), d(4), batch(4), true), BatchAdmission::Stored, "asked for");
+        assert_eq!(m.select(&HashSet::from([d(2)]), 10), vec![d(1), d(3), d(4)]);
+        assert_eq!(m.select(&HashSet::new(), 10), vec![d(1), d(2), d(3), d(4)], "in turn per author");
         assert_eq!(m.select(&HashSet::new(), 2), vec![d(1), d(2)]);
         m.executed(d(1));
-        assert_eq!(m.add_batch(ReplicaId(1), d(4), batch(4)), BatchAdmission::Stored, "quota released");
+        m.executed(d(3));
+        assert_eq!(
+            m.add_batch(ReplicaId(1), d(5), batch(5), false),
+            BatchAdmission::Stored,
+            "quota released"
+        );
     }
 
     #[test]

@@ -34,7 +34,7 @@ use crate::storage::{StorageError, Store, StoredSnapshot};
 use crate::wire::{
     MAX_BLOCK_BATCHES, MAX_FETCH_BATCHES, MAX_OP_BYTES, Outcome, PeerMessage, Rejection, Replies, Reply,
     Request, RequestKind, batch_digest, client_id_of, decode_batch, decode_block_payload,
-    encode_block_payload,
+    encode_block_payload, is_keyed_client_id,
 };
 
 /// How the runtime batches and paces.
@@ -119,8 +119,14 @@ const FETCH_FROM_ALL_AFTER: Duration = Duration::from_millis(300);
 const FETCH_AGAIN_AFTER: Duration = Duration::from_secs(2);
 /// A message whose batches did not arrive in this long is dropped (counted).
 const HOLD_LIMIT: Duration = Duration::from_secs(10);
-/// Most messages held at once; beyond that new ones are dropped (counted).
+/// Most messages held at once (and a 1/n share of it per sender); beyond that new ones
+/// are dropped (counted).
 const MAX_HELD: usize = 1024;
+/// A message naming more missing batches than this is dropped, not held (a sync answer
+/// of 64 full blocks names at most 64 × 128 batches).
+const MAX_MISSING_PER_MESSAGE: usize = 64 * 128;
+/// Batch digests looked up for one peer per second, at most.
+const SERVE_DIGESTS_PER_SECOND: usize = 4096;
 /// This replica's own unexecuted batches are sent again after this long (a peer whose
 /// queue was full may have missed one, and a PBFT primary only orders what it holds).
 const RESEND_OWN_AFTER: Duration = Duration::from_secs(5);
@@ -131,6 +137,11 @@ const SERVE_BYTES_PER_SECOND: usize = 64 << 20;
 /// Client ids with a reply session, at most; sessions per client id, at most.
 const MAX_SESSIONS: usize = 100_000;
 const MAX_SESSIONS_PER_CLIENT: usize = 4;
+/// Client ids one connection may receive replies for.
+const MAX_SESSIONS_PER_CONNECTION: usize = 64;
+/// Replies per frame (each carries at most one operation's result, and operations are
+/// at most `MAX_OP_BYTES`, so a frame stays far below the frame limit).
+const MAX_REPLIES_PER_FRAME: usize = 32;
 
 /// What the verifier thread hands the runtime.
 pub enum Inbound<M> {
@@ -154,6 +165,8 @@ struct Held<M> {
     msg: Verified<M>,
     missing: HashSet<Digest>,
     since: Instant,
+    /// When its missing batches were last asked for, and whether from every peer.
+    asked_at: Instant,
     asked_all: bool,
 }
 
@@ -173,6 +186,9 @@ pub struct Runtime<P: Protocol, A: StateMachine> {
     peers: Vec<ReplicaId>,
     /// Where each client's replies go: its sessions (connection number, sender).
     sessions: HashMap<u64, Vec<(u64, ReplySender<Replies>)>>,
+    /// Sessions per connection number, and when closed sessions were last dropped.
+    per_connection: HashMap<u64, usize>,
+    sessions_pruned: Instant,
     replies: HashMap<(u64, u64), Reply>,
     reply_order: VecDeque<(u64, u64)>,
     /// Batches of stored, not yet executed blocks: digest -> (parent, height, batches).
@@ -182,8 +198,9 @@ pub struct Runtime<P: Protocol, A: StateMachine> {
     held: VecDeque<Held<P::Message>>,
     /// Batches asked for, and when.
     fetching: HashMap<Digest, Instant>,
-    /// Per peer: the start of its serving window and the bytes served in it.
-    served: HashMap<ReplicaId, (Instant, usize)>,
+    /// Per peer: the start of its serving window, and the bytes served and digests
+    /// looked up in it.
+    served: HashMap<ReplicaId, (Instant, usize, usize)>,
 }
 
 /// Why the runtime stopped.
@@ -237,6 +254,8 @@ where
             status,
             peers,
             sessions: HashMap::new(),
+            per_connection: HashMap::new(),
+            sessions_pruned: Instant::now(),
             replies: HashMap::new(),
             reply_order: VecDeque::new(),
             pending_chain: HashMap::new(),
@@ -274,9 +293,21 @@ where
                     None => std::future::pending().await,
                 }
             };
+            // Deadlines first: a stream of inbound messages must not starve timeouts.
             tokio::select! {
                 biased;
                 _ = shutdown.changed() => break,
+                _ = sleep => {
+                    let now = Instant::now();
+                    if self.mempool.seal_deadline().is_some_and(|at| at <= now) {
+                        self.mempool.seal(now);
+                        self.send_sealed();
+                    }
+                    self.answer_payload(true)?;
+                    if self.core.next_deadline().is_some_and(|d| d <= self.now()) {
+                        self.step(Input::Timeout)?;
+                    }
+                }
                 _ = gauges.tick() => self.refresh_gauges(),
                 _ = maintenance.tick() => self.maintain()?,
                 Some(message) = inbound.recv() => self.on_inbound(message)?,
@@ -288,17 +319,6 @@ where
                     }
                     self.send_sealed();
                     self.answer_payload(false)?;
-                }
-                _ = sleep => {
-                    let now = Instant::now();
-                    if self.mempool.seal_deadline().is_some_and(|at| at <= now) {
-                        self.mempool.seal(now);
-                        self.send_sealed();
-                    }
-                    self.answer_payload(true)?;
-                    if self.core.next_deadline().is_some_and(|d| d <= self.now()) {
-                        self.step(Input::Timeout)?;
-                    }
                 }
             }
         }
@@ -437,8 +457,11 @@ where
             self.remember_reply((tx.client, tx.sequence), reply);
         }
         for (client, replies) in by_client {
-            for (_, sender) in self.sessions.get(&client).into_iter().flatten() {
-                let _ = sender.send(&replies);
+            for chunk in replies.chunks(MAX_REPLIES_PER_FRAME) {
+                let chunk = chunk.to_vec();
+                for (_, sender) in self.sessions.get(&client).into_iter().flatten() {
+                    let _ = sender.send(&chunk);
+                }
             }
         }
         // What the executed log covers is no longer in flight (abandoned forks too).
@@ -475,12 +498,17 @@ where
         match inbound {
             Inbound::Message(from, msg) => self.deliver_or_hold(from, msg),
             Inbound::Batch { from, digest, bytes } => {
-                let event = match self.mempool.add_batch(from, digest, bytes) {
+                let solicited = self.fetching.contains_key(&digest);
+                let admission = self.mempool.add_batch(from, digest, bytes, solicited);
+                let event = match admission {
                     BatchAdmission::Stored => "received",
                     BatchAdmission::Known => "received_known",
                     BatchAdmission::OverQuota => "refused_over_quota",
                 };
                 self.metrics.batches.get_or_create(&label("event", event)).inc();
+                if admission == BatchAdmission::OverQuota {
+                    return Ok(());
+                }
                 self.fetching.remove(&digest);
                 self.release_held(digest)?;
                 self.answer_payload(false)
@@ -511,13 +539,22 @@ where
         if missing.is_empty() {
             return self.step(Input::Message { from, msg });
         }
-        if self.held.len() >= MAX_HELD {
-            self.metrics.batches.get_or_create(&label("event", "held_full_dropped")).inc();
+        let from_sender = self.held.iter().filter(|h| h.from == from).count();
+        let dropped = if self.held.len() >= MAX_HELD || from_sender >= MAX_HELD / (self.peers.len() + 1) {
+            Some("held_full_dropped")
+        } else if missing.len() > MAX_MISSING_PER_MESSAGE {
+            Some("held_too_many_missing")
+        } else {
+            None
+        };
+        if let Some(event) = dropped {
+            self.metrics.batches.get_or_create(&label("event", event)).inc();
             return Ok(());
         }
         let ask: Vec<Digest> = missing.iter().copied().collect();
         self.fetch(Recipient::One(from), &ask);
-        self.held.push_back(Held { from, msg, missing, since: Instant::now(), asked_all: false });
+        let now = Instant::now();
+        self.held.push_back(Held { from, msg, missing, since: now, asked_at: now, asked_all: false });
         self.metrics.held_messages.set(self.held.len() as i64);
         Ok(())
     }
@@ -572,17 +609,22 @@ where
     /// byte budget.
     fn serve_batches(&mut self, from: ReplicaId, digests: &[Digest]) {
         let now = Instant::now();
-        let window = self.served.entry(from).or_insert((now, 0));
+        let window = self.served.entry(from).or_insert((now, 0, 0));
         if now.duration_since(window.0) >= Duration::from_secs(1) {
-            *window = (now, 0);
+            *window = (now, 0, 0);
         }
+        if window.2 + digests.len() > SERVE_DIGESTS_PER_SECOND {
+            self.metrics.batches.get_or_create(&label("event", "serve_over_budget")).inc();
+            return;
+        }
+        window.2 += digests.len();
         for digest in digests.iter().take(MAX_FETCH_BATCHES) {
             let bytes = match self.mempool.batch(digest) {
                 Some(batch) => Some(batch.bytes.as_ref().clone()),
                 None => self.store.batch(digest).ok().flatten(),
             };
             let Some(bytes) = bytes else { continue };
-            let window = self.served.entry(from).or_insert((now, 0));
+            let window = self.served.entry(from).or_insert((now, 0, 0));
             if window.1 + bytes.len() > SERVE_BYTES_PER_SECOND {
                 self.metrics.batches.get_or_create(&label("event", "serve_over_budget")).inc();
                 return;
@@ -600,8 +642,12 @@ where
         let now = Instant::now();
         let mut ask_all = Vec::new();
         for held in self.held.iter_mut() {
-            if !held.asked_all && now.duration_since(held.since) >= FETCH_FROM_ALL_AFTER {
+            // Every peer after a short wait, then again every little while (an answer
+            // can be lost to a full queue or a peer's serving budget).
+            let wait = if held.asked_all { FETCH_AGAIN_AFTER } else { FETCH_FROM_ALL_AFTER };
+            if now.duration_since(held.asked_at) >= wait {
                 held.asked_all = true;
+                held.asked_at = now;
                 ask_all.extend(held.missing.iter().copied());
             }
         }
@@ -734,30 +780,52 @@ where
     }
 
     /// Remembers that `client`'s replies go (also) to this session. Returns false if
-    /// no session can be added (too many clients).
+    /// no session can be added (too many clients, or too many ids on this connection).
     fn register_session(&mut self, client: u64, connection: u64, sender: &ReplySender<Replies>) -> bool {
-        if let Some(sessions) = self.sessions.get_mut(&client) {
-            if sessions.iter().any(|(c, _)| *c == connection) {
-                return true;
-            }
-            sessions.retain(|(_, s)| !s.is_closed());
-            if sessions.len() >= MAX_SESSIONS_PER_CLIENT {
-                sessions.remove(0);
-            }
-            sessions.push((connection, sender.clone()));
+        if self.sessions.get(&client).is_some_and(|s| s.iter().any(|(c, _)| *c == connection)) {
             return true;
         }
-        if self.sessions.len() >= MAX_SESSIONS {
-            self.sessions.retain(|_, sessions| {
-                sessions.retain(|(_, s)| !s.is_closed());
-                !sessions.is_empty()
-            });
+        if self.per_connection.get(&connection).copied().unwrap_or(0) >= MAX_SESSIONS_PER_CONNECTION {
+            return false;
+        }
+        if !self.sessions.contains_key(&client) && self.sessions.len() >= MAX_SESSIONS {
+            // Full: drop closed sessions, at most once a second.
+            if self.sessions_pruned.elapsed() >= Duration::from_secs(1) {
+                self.sessions_pruned = Instant::now();
+                let mut gone = Vec::new();
+                self.sessions.retain(|_, sessions| {
+                    drop_closed(sessions, &mut gone);
+                    !sessions.is_empty()
+                });
+                for c in gone {
+                    self.release_connection(c);
+                }
+            }
             if self.sessions.len() >= MAX_SESSIONS {
                 return false;
             }
         }
-        self.sessions.insert(client, vec![(connection, sender.clone())]);
+        let mut evicted = Vec::new();
+        let sessions = self.sessions.entry(client).or_default();
+        drop_closed(sessions, &mut evicted);
+        if sessions.len() >= MAX_SESSIONS_PER_CLIENT {
+            evicted.push(sessions.remove(0).0);
+        }
+        sessions.push((connection, sender.clone()));
+        *self.per_connection.entry(connection).or_default() += 1;
+        for c in evicted {
+            self.release_connection(c);
+        }
         true
+    }
+
+    fn release_connection(&mut self, connection: u64) {
+        if let Some(count) = self.per_connection.get_mut(&connection) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.per_connection.remove(&connection);
+            }
+        }
     }
 
     fn on_client(&mut self, incoming: Req) {
@@ -766,9 +834,14 @@ where
             let rejection = Rejection::TooLarge { len: request.op.len(), limit: MAX_OP_BYTES };
             return self.reject(&reply, &request, rejection, "too_large");
         }
-        if let Some(key) = client.key
-            && client_id_of(&key) != request.client
-        {
+        // A keyed connection speaks only for its key's id; a keyless one only for ids
+        // outside the keyed half of the id space (so it cannot read or take over a
+        // keyed client's replies).
+        let id_ok = match client.key {
+            Some(key) => client_id_of(&key) == request.client,
+            None => !is_keyed_client_id(request.client),
+        };
+        if !id_ok {
             let rejection = Rejection::WrongClientId { claimed: request.client };
             return self.reject(&reply, &request, rejection, "wrong_client_id");
         }
@@ -897,6 +970,17 @@ impl SnapshotWriter {
             let _ = thread.join();
         }
     }
+}
+
+/// Removes the closed sessions of one client, noting their connection numbers.
+fn drop_closed(sessions: &mut Vec<(u64, ReplySender<Replies>)>, gone: &mut Vec<u64>) {
+    sessions.retain(|(connection, sender)| {
+        let open = !sender.is_closed();
+        if !open {
+            gone.push(*connection);
+        }
+        open
+    });
 }
 
 /// A request carrying only its identity (for rejections after the operation moved).

@@ -123,10 +123,25 @@ pub struct Reply {
     pub outcome: Outcome,
 }
 
-/// The client id bound to a key: the first 8 bytes of SHA-256 of the key.
+/// Client ids with this bit set belong to keys; keyless clients use the other half.
+const KEYED_CLIENT_BIT: u64 = 1 << 63;
+
+/// The client id bound to a key: the first 8 bytes of SHA-256 of the key, in the keyed
+/// half of the id space.
 pub fn client_id_of(key: &PublicKey) -> u64 {
     let digest = Digest::of(&key.to_bytes());
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest.as_bytes()[..8]);
-    u64::from_le_bytes(first)
+    u64::from_le_bytes(first) | KEYED_CLIENT_BIT
+}
+
+/// Whether `id` is in the keyed half of the id space (only a connection presenting
+/// the key may use it).
+pub fn is_keyed_client_id(id: u64) -> bool {
+    id & KEYED_CLIENT_BIT != 0
+}
+
+/// A random id for a keyless client.
+pub fn keyless_client_id() -> u64 {
+    rand::random::<u64>() & !KEYED_CLIENT_BIT
 }
