@@ -72,9 +72,6 @@ pub async fn run(
     for c in 0..clients {
         let mut client = Client::connect(committee, endpoints, None, NetworkConfig::default()).await?;
         client.timeout = Duration::from_secs(30);
-        // Under overload latency exceeds the default retry delay, and retries sent to
-        // every replica multiply the load; a benchmark's replicas do not crash.
-        client.retry_after = Duration::from_secs(10);
         if !endpoints.is_empty() {
             client.set_home(endpoints[c % endpoints.len()].0);
         }

@@ -1,9 +1,15 @@
 //! The client library: submits each request to one replica (its home replica), which
 //! batches it for everyone, and accepts a result only when f+1 replicas (at least one
 //! honest) report the same one. Every replica answers every request of a client that
-//! subscribed to it, whichever replica the request entered through. A request not
-//! certified within `retry_after` (or rejected by the home replica) is sent to every
-//! replica, so a crashed or censoring home replica only delays it.
+//! subscribed to it, whichever replica the request entered through.
+//!
+//! A request not certified within the retry delay goes to the next replica, which
+//! becomes the home (a crashed, partitioned or censoring home only delays requests);
+//! after another delay, or at once if the home rejected it, it goes to every replica.
+//! The delay is `retry_after` when nothing sent to the home was certified for that long,
+//! and otherwise three times the recent latency if that is longer, so an overloaded
+//! committee is not fed retries of requests that are merely slow.
+//! Sessions execute a request once, however many replicas ordered it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -49,15 +55,35 @@ pub struct Client {
     tally: HashMap<u64, BTreeMap<(Height, Outcome), BTreeSet<ReplicaId>>>,
     /// The replica requests go to first.
     home: Option<ReplicaId>,
-    /// Submitted requests not certified yet: the request, the home replica it was sent
-    /// to, and whether it went to every replica. Replies for any other sequence are
-    /// ignored.
-    outstanding: HashMap<u64, (Request, Option<ReplicaId>, bool)>,
+    /// Submitted requests not certified yet. Replies for any other sequence are ignored.
+    outstanding: HashMap<u64, Outstanding>,
     /// Sequences in the order they are due for a retry, with when they were last sent.
     retry_queue: VecDeque<(u64, tokio::time::Instant)>,
     pub timeout: Duration,
-    /// A request not certified this long after it was sent is sent to every replica.
+    /// The shortest retry delay (see the module documentation).
     pub retry_after: Duration,
+    /// Moving average of submit → certified, in seconds.
+    latency_average: f64,
+    /// When a request sent to the current home was last certified (or the home chosen).
+    home_progress: tokio::time::Instant,
+}
+
+struct Outstanding {
+    request: Request,
+    submitted: tokio::time::Instant,
+    /// The home replica it was sent to.
+    sent_home: Option<ReplicaId>,
+    stage: Stage,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Sent to the home replica only.
+    Home,
+    /// Also sent to the next replica.
+    Next,
+    /// Sent to every replica.
+    All,
 }
 
 impl Client {
@@ -136,6 +162,8 @@ impl Client {
             retry_queue: VecDeque::new(),
             timeout: Duration::from_secs(10),
             retry_after: Duration::from_secs(1),
+            latency_average: 0.0,
+            home_progress: tokio::time::Instant::now(),
         })
     }
 
@@ -153,6 +181,7 @@ impl Client {
 
     /// Moves the home to the next connected replica.
     fn rotate_home(&mut self) {
+        self.home_progress = tokio::time::Instant::now();
         let next = match self.home {
             Some(home) => self.senders.range(ReplicaId(home.0.saturating_add(1))..).next(),
             None => None,
@@ -171,15 +200,18 @@ impl Client {
         self.next_sequence += 1;
         let request = Request { client: self.id, sequence, kind: RequestKind::Ordered, op };
         let home = self.home.and_then(|h| self.senders.get(&h)).filter(|s| !s.is_closed());
-        let to_all = match home {
-            Some(sender) => sender.send(request.clone()).await.is_err(),
-            None => true,
+        let sent = match home {
+            Some(sender) => sender.send(request.clone()).await.is_ok(),
+            None => false,
         };
-        if to_all {
+        if !sent {
             self.send_all(&request).await;
         }
-        self.retry_queue.push_back((sequence, tokio::time::Instant::now()));
-        self.outstanding.insert(sequence, (request, self.home, to_all));
+        let now = tokio::time::Instant::now();
+        self.retry_queue.push_back((sequence, now));
+        let stage = if sent { Stage::Home } else { Stage::All };
+        self.outstanding
+            .insert(sequence, Outstanding { request, submitted: now, sent_home: self.home, stage });
         sequence
     }
 
@@ -189,32 +221,70 @@ impl Client {
         }
     }
 
-    /// Sends every request that waited `retry_after` since it was last sent to every
-    /// replica again.
+    /// The retry delay of a request in `stage` sent to `sent_home`: `retry_after` when
+    /// its home stopped making progress (nothing sent to it was certified for
+    /// `retry_after`: crashed, partitioned or censoring) or was left already; otherwise
+    /// three times the recent latency if longer (the committee is slow, not the home).
+    fn retry_delay(&self, stage: Stage, sent_home: Option<ReplicaId>, now: tokio::time::Instant) -> Duration {
+        let home_stalled = now.duration_since(self.home_progress) >= self.retry_after;
+        if stage == Stage::Home && (sent_home != self.home || home_stalled) {
+            return self.retry_after;
+        }
+        self.retry_after.max(Duration::from_secs_f64(3.0 * self.latency_average))
+    }
+
+    /// When the retry at the front of the queue is due, if any.
+    fn next_retry(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
+        let &(sequence, sent) = self.retry_queue.front()?;
+        let delay = match self.outstanding.get(&sequence) {
+            Some(entry) => self.retry_delay(entry.stage, entry.sent_home, now),
+            None => Duration::ZERO,
+        };
+        Some(sent + delay)
+    }
+
+    /// Retries every request that waited the retry delay since it was last sent: to
+    /// the next replica first (which becomes the home), then to every replica.
     async fn resend_due(&mut self) {
         let now = tokio::time::Instant::now();
         while let Some(&(sequence, sent)) = self.retry_queue.front() {
-            if !self.outstanding.contains_key(&sequence) {
+            let Some(entry) = self.outstanding.get(&sequence) else {
                 self.retry_queue.pop_front();
                 continue;
-            }
-            if sent + self.retry_after > now {
+            };
+            if sent + self.retry_delay(entry.stage, entry.sent_home, now) > now {
                 break;
             }
             self.retry_queue.pop_front();
-            if let Some((request, sent_home, to_all)) = self.outstanding.get_mut(&sequence) {
-                // The home replica did not get it certified in time (crashed, partitioned
-                // or censoring): later requests start elsewhere (once per home, however
-                // many requests time out together).
-                let rotate = !*to_all && *sent_home == self.home;
-                *to_all = true;
-                let request = request.clone();
-                if rotate {
-                    self.rotate_home();
+            let Some(entry) = self.outstanding.get(&sequence) else { continue };
+            let (request, stage, sent_home) = (entry.request.clone(), entry.stage, entry.sent_home);
+            let next_stage = match stage {
+                Stage::Home => {
+                    // Move the home on once per failing home, however many of its
+                    // requests time out together.
+                    if sent_home == self.home {
+                        self.rotate_home();
+                    }
+                    match self.home.filter(|h| Some(*h) != sent_home).and_then(|h| self.senders.get(&h)) {
+                        Some(next) => {
+                            let _ = next.send(request).await;
+                            Stage::Next
+                        }
+                        None => {
+                            self.send_all(&request).await;
+                            Stage::All
+                        }
+                    }
                 }
-                self.send_all(&request).await;
-                self.retry_queue.push_back((sequence, now));
+                Stage::Next | Stage::All => {
+                    self.send_all(&request).await;
+                    Stage::All
+                }
+            };
+            if let Some(entry) = self.outstanding.get_mut(&sequence) {
+                entry.stage = next_stage;
             }
+            self.retry_queue.push_back((sequence, now));
         }
     }
 
@@ -222,7 +292,7 @@ impl Client {
     async fn next_reply(&mut self, deadline: tokio::time::Instant) -> Result<Reply, ClientError> {
         loop {
             self.resend_due().await;
-            let retry_at = self.retry_queue.front().map(|(_, sent)| *sent + self.retry_after);
+            let retry_at = self.next_retry(tokio::time::Instant::now());
             let retry = async {
                 match retry_at {
                     Some(at) => tokio::time::sleep_until(at).await,
@@ -237,11 +307,11 @@ impl Client {
             // A rejection from the home replica alone cannot be certified: ask everyone
             // (another replica may accept, or f+1 confirm the rejection).
             if matches!(reply.outcome, Outcome::Rejected(_))
-                && let Some((request, _, to_all)) = self.outstanding.get_mut(&reply.sequence)
-                && !*to_all
+                && let Some(entry) = self.outstanding.get_mut(&reply.sequence)
+                && entry.stage != Stage::All
             {
-                *to_all = true;
-                let request = request.clone();
+                entry.stage = Stage::All;
+                let request = entry.request.clone();
                 self.send_all(&request).await;
             }
             return Ok(reply);
@@ -277,7 +347,13 @@ impl Client {
         }
         let replicas: Vec<ReplicaId> = voters.iter().copied().collect();
         self.tally.remove(&reply.sequence);
-        self.outstanding.remove(&reply.sequence);
+        if let Some(done) = self.outstanding.remove(&reply.sequence) {
+            let sample = done.submitted.elapsed().as_secs_f64();
+            self.latency_average = 0.9 * self.latency_average + 0.1 * sample;
+            if done.sent_home == self.home {
+                self.home_progress = tokio::time::Instant::now();
+            }
+        }
         Some(match reply.outcome {
             Outcome::Executed(result) => Ok(Certified { sequence: reply.sequence, height, result, replicas }),
             Outcome::Rejected(rejection) => Err(rejection),

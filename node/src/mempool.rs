@@ -235,10 +235,11 @@ impl Mempool {
         }
     }
 
-    /// Up to `max` pending batches, leaving out `exclude` (what the chain being
-    /// extended already orders): taken in turn from each author, each author's oldest
-    /// first, so one replica's backlog cannot starve the others'.
-    pub fn select(&self, exclude: &HashSet<Digest>, max: usize) -> Vec<Digest> {
+    /// Up to `max` pending batches of at most `max_bytes` in all (at least one),
+    /// leaving out `exclude` (what the chain being extended already orders): taken in
+    /// turn from each author, each author's oldest first, so one replica's backlog
+    /// cannot starve the others'.
+    pub fn select(&self, exclude: &HashSet<Digest>, max: usize, max_bytes: usize) -> Vec<Digest> {
         let mut per_author: BTreeMap<ReplicaId, VecDeque<Digest>> = BTreeMap::new();
         for digest in self.by_order.values().filter(|d| !exclude.contains(*d)) {
             let Some(batch) = self.batches.get(digest) else { continue };
@@ -248,11 +249,20 @@ impl Mempool {
             }
         }
         let mut out = Vec::new();
-        while out.len() < max && !per_author.is_empty() {
+        let mut bytes = 0;
+        let mut full = false;
+        while !full && !per_author.is_empty() {
             per_author.retain(|_, queue| {
-                if out.len() < max
-                    && let Some(digest) = queue.pop_front()
-                {
+                if full {
+                    return false;
+                }
+                if let Some(digest) = queue.pop_front() {
+                    let size = self.batches.get(&digest).map_or(0, |b| b.bytes.len());
+                    if out.len() >= max || (!out.is_empty() && bytes + size > max_bytes) {
+                        full = true;
+                        return false;
+                    }
+                    bytes += size;
                     out.push(digest);
                 }
                 !queue.is_empty()
@@ -379,7 +389,7 @@ mod tests {
         assert_eq!(m.add(tx(2, 1, 10), t0), Admission::Duplicate, "pending in a sealed batch");
         assert_eq!(m.add(tx(3, 1, 10), t0), Admission::Accepted);
         assert_eq!(m.add(tx(4, 1, 10), t0), Admission::Full, "count bound");
-        assert_eq!(m.select(&HashSet::new(), 10), vec![digest]);
+        assert_eq!(m.select(&HashSet::new(), 10, usize::MAX), vec![digest]);
         m.executed(digest);
         assert_eq!(m.len(), 1);
         assert_eq!(m.add(tx(4, 1, 10), t0), Admission::Accepted, "budget released on execution");
@@ -402,9 +412,15 @@ mod tests {
         // Each batch is charged at least 1 KiB: a third one from peer 1 is over 2,500.
         assert_eq!(m.add_batch(ReplicaId(1), d(4), batch(4), false), BatchAdmission::OverQuota);
         assert_eq!(m.add_batch(ReplicaId(1), d(4), batch(4), true), BatchAdmission::Stored, "asked for");
-        assert_eq!(m.select(&HashSet::from([d(2)]), 10), vec![d(1), d(3), d(4)]);
-        assert_eq!(m.select(&HashSet::new(), 10), vec![d(1), d(2), d(3), d(4)], "in turn per author");
-        assert_eq!(m.select(&HashSet::new(), 2), vec![d(1), d(2)]);
+        assert_eq!(m.select(&HashSet::from([d(2)]), 10, usize::MAX), vec![d(1), d(3), d(4)]);
+        assert_eq!(
+            m.select(&HashSet::new(), 10, usize::MAX),
+            vec![d(1), d(2), d(3), d(4)],
+            "in turn per author"
+        );
+        assert_eq!(m.select(&HashSet::new(), 2, usize::MAX), vec![d(1), d(2)]);
+        assert_eq!(m.select(&HashSet::new(), 10, 100), vec![d(1), d(2)], "100 bytes: two batches of 40");
+        assert_eq!(m.select(&HashSet::new(), 10, 1), vec![d(1)], "always at least one");
         m.executed(d(1));
         m.executed(d(3));
         assert_eq!(

@@ -47,8 +47,10 @@ pub struct RuntimeConfig {
     /// ... or this long after its first transaction (or at once when this replica
     /// leads and wants a payload).
     pub batch_delay: Duration,
-    /// Most batches one block orders.
+    /// Most batches one block orders ...
     pub max_block_batches: usize,
+    /// ... and most batch bytes.
+    pub max_block_bytes: usize,
     /// When the mempool is empty, a leader waits this long for transactions before it
     /// proposes an empty block (so an idle committee does not spin).
     pub idle_proposal_delay: Duration,
@@ -68,7 +70,8 @@ impl Default for RuntimeConfig {
             max_batch_txs: 4000,
             batch_bytes: 512 << 10,
             batch_delay: Duration::from_millis(5),
-            max_block_batches: 128,
+            max_block_batches: 2048,
+            max_block_bytes: 8 << 20,
             idle_proposal_delay: Duration::from_millis(50),
             mempool_max_txs: 200_000,
             mempool_max_bytes: 256 << 20,
@@ -123,8 +126,9 @@ const HOLD_LIMIT: Duration = Duration::from_secs(10);
 /// are dropped (counted).
 const MAX_HELD: usize = 1024;
 /// A message naming more missing batches than this is dropped, not held (a sync answer
-/// of 64 full blocks names at most 64 × 128 batches).
-const MAX_MISSING_PER_MESSAGE: usize = 64 * 128;
+/// of 64 blocks of small batches can name tens of thousands; a replica that far behind
+/// gets them through smaller answers after its fetches catch up).
+const MAX_MISSING_PER_MESSAGE: usize = 32_768;
 /// Batch digests looked up for one peer per second, at most.
 const SERVE_DIGESTS_PER_SECOND: usize = 4096;
 /// This replica's own unexecuted batches are sent again after this long (a peer whose
@@ -759,7 +763,8 @@ where
             exclude.extend(batches.iter().copied());
             cursor = *parent;
         }
-        let batches = self.mempool.select(&exclude, self.cfg.max_block_batches.min(MAX_BLOCK_BATCHES));
+        let max_batches = self.cfg.max_block_batches.min(MAX_BLOCK_BATCHES);
+        let batches = self.mempool.select(&exclude, max_batches, self.cfg.max_block_bytes);
         if batches.is_empty() && !(idle_due && now >= at) {
             return None;
         }

@@ -14,7 +14,7 @@ pub const MAX_BATCH_BYTES: usize = 1 << 20;
 /// An upper bound on what encoding adds to each transaction's operation bytes.
 pub const TX_ENVELOPE_BYTES: usize = 32;
 /// Most batch digests one block payload names.
-pub const MAX_BLOCK_BATCHES: usize = 256;
+pub const MAX_BLOCK_BATCHES: usize = 4096;
 
 /// What replicas send each other: their core's messages, and the transaction batches
 /// that block payloads name by digest.
