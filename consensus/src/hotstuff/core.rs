@@ -2,7 +2,7 @@
 //! certificates (Jolteon / DiemBFT v4). A plain state machine stepped by
 //! [`Protocol::handle`]; every effect leaves as an [`Actions`] entry.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use bulwark_crypto::{Committee, Digest, KeyPair, ReplicaId, Signed, codec};
 
@@ -55,6 +55,11 @@ pub struct HotStuff {
     tree: BlockTree,
     safety: SafetyRules,
     pacemaker: Pacemaker,
+    /// Leaders whose round this replica saw end in a timeout certificate, until a block
+    /// of one of their rounds is certified. Rounds they lead, or whose votes go to them,
+    /// run on a shortened timer: a crashed leader then costs a fraction of a timeout per
+    /// rotation instead of two whole ones. Local and timing-only (never safety).
+    suspects: BTreeSet<ReplicaId>,
     votes: VoteAggregator,
     timeouts: TimeoutAggregator,
     /// Our timeout for the current round, re-sent while the round lasts.
@@ -133,6 +138,7 @@ impl HotStuff {
             tree,
             safety: SafetyRules::new(safety),
             pacemaker: Pacemaker::new(policy),
+            suspects: BTreeSet::new(),
             votes: VoteAggregator::default(),
             timeouts: TimeoutAggregator::default(),
             own_timeout: None,
@@ -167,6 +173,12 @@ impl HotStuff {
         self.leaders.leader(round)
     }
 
+    /// Whether `leader` is suspected of having crashed (its rounds and the rounds
+    /// before them run on a shortened timer).
+    pub fn is_suspected(&self, leader: ReplicaId) -> bool {
+        self.suspects.contains(&leader)
+    }
+
     pub fn committee(&self) -> &Committee {
         &self.cfg.committee
     }
@@ -188,7 +200,9 @@ impl HotStuff {
     // ----- rounds -------------------------------------------------------------------
 
     fn advance_round(&mut self, round: Round, via_timeout: bool) {
-        if !self.pacemaker.advance(round, self.now, via_timeout) {
+        let shortened =
+            self.suspects.contains(&self.leader(round)) || self.suspects.contains(&self.leader(round.next()));
+        if !self.pacemaker.advance(round, self.now, via_timeout, shortened) {
             return;
         }
         self.own_timeout = None;
@@ -213,6 +227,9 @@ impl HotStuff {
     /// A verified QC: keep it if highest, commit what it completes, enter the next round.
     fn process_qc(&mut self, qc: &QuorumCert, from: ReplicaId) {
         self.safety.observe_qc(qc);
+        // Its round's leader got a block certified: no longer suspected.
+        let leader = self.leader(qc.round());
+        self.suspects.remove(&leader);
         if qc.vote.height > self.tree.root().height && !self.tree.contains(&qc.block()) {
             self.request_block(qc.block(), from);
         }
@@ -225,6 +242,9 @@ impl HotStuff {
     fn process_tc(&mut self, tc: &TimeoutCert) {
         self.safety.observe_tc(tc);
         if tc.round >= self.round() {
+            // Its round ended without a certified block: its leader may have crashed.
+            let leader = self.leader(tc.round);
+            self.suspects.insert(leader);
             self.advance_round(tc.round.next(), true);
         }
     }

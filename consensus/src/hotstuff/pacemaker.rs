@@ -43,17 +43,22 @@ impl TimeoutPolicy {
     }
 }
 
+/// A round on a shortened timer waits this fraction of the normal timeout.
+pub const SHORTENED_DIVISOR: u64 = 4;
+
 #[derive(Debug, Clone)]
 pub struct Pacemaker {
     round: Round,
     deadline: Option<Time>,
     consecutive_timeouts: u32,
     policy: TimeoutPolicy,
+    /// Whether the current round runs on a shortened timer (see [`Pacemaker::advance`]).
+    shortened: bool,
 }
 
 impl Pacemaker {
     pub fn new(policy: TimeoutPolicy) -> Pacemaker {
-        Pacemaker { round: Round(0), deadline: None, consecutive_timeouts: 0, policy }
+        Pacemaker { round: Round(0), deadline: None, consecutive_timeouts: 0, policy, shortened: false }
     }
 
     pub fn round(&self) -> Round {
@@ -65,8 +70,12 @@ impl Pacemaker {
     }
 
     /// Enters `round` if it is higher than the current one. A QC resets the backoff;
-    /// a TC keeps it, so a run of failed rounds waits longer and longer.
-    pub fn advance(&mut self, round: Round, now: Time, via_timeout: bool) -> bool {
+    /// a TC keeps it, so a run of failed rounds waits longer and longer. A `shortened`
+    /// round (its leader, or the next one whom its votes go to, is suspected of having
+    /// crashed) waits a quarter of the timeout while at most one timeout in a row has
+    /// passed; after that the full backoff applies, so suspicion can never keep rounds
+    /// too short for a slow network.
+    pub fn advance(&mut self, round: Round, now: Time, via_timeout: bool, shortened: bool) -> bool {
         if round <= self.round {
             return false;
         }
@@ -74,14 +83,23 @@ impl Pacemaker {
         if !via_timeout {
             self.consecutive_timeouts = 0;
         }
-        self.deadline = Some(now.plus_millis(self.policy.duration(self.consecutive_timeouts)));
+        self.shortened = shortened;
+        self.arm(now);
         true
     }
 
     /// The round's timer fired: back off and re-arm.
     pub fn local_timeout(&mut self, now: Time) {
         self.consecutive_timeouts = self.consecutive_timeouts.saturating_add(1);
-        self.deadline = Some(now.plus_millis(self.policy.duration(self.consecutive_timeouts)));
+        self.arm(now);
+    }
+
+    fn arm(&mut self, now: Time) {
+        let mut duration = self.policy.duration(self.consecutive_timeouts);
+        if self.shortened && self.consecutive_timeouts <= 1 {
+            duration = (duration / SHORTENED_DIVISOR).max(1);
+        }
+        self.deadline = Some(now.plus_millis(duration));
     }
 
     pub fn expired(&self, now: Time) -> bool {

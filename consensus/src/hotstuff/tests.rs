@@ -448,3 +448,45 @@ fn an_oversized_payload_still_yields_a_proposal() {
     });
     assert_eq!(proposed, Some(Payload::default()), "an empty block keeps the round alive");
 }
+
+#[test]
+fn a_shortened_round_waits_a_quarter_of_the_timeout_for_one_timeout_in_a_row_then_backs_off_fully() {
+    use crate::hotstuff::pacemaker::Pacemaker;
+    let policy = TimeoutPolicy { base_ms: 1000, max_ms: 8000 };
+    let mut normal = Pacemaker::new(policy);
+    let mut shortened = Pacemaker::new(policy);
+    assert!(normal.advance(Round(1), Time(0), false, false));
+    assert!(shortened.advance(Round(1), Time(0), false, true));
+    assert_eq!((normal.deadline(), shortened.deadline()), (Some(Time(1000)), Some(Time(250))));
+    shortened.local_timeout(Time(250));
+    assert_eq!(shortened.deadline(), Some(Time(250 + 500)), "one timeout in a row: still a quarter");
+    shortened.local_timeout(Time(750));
+    assert_eq!(shortened.deadline(), Some(Time(750 + 4000)), "two in a row: the full backoff");
+    // A round entered by TC keeps the backoff; one entered by QC resets it.
+    assert!(shortened.advance(Round(2), Time(800), true, true));
+    assert_eq!(shortened.deadline(), Some(Time(800 + 4000)));
+    assert!(shortened.advance(Round(3), Time(900), false, true));
+    assert_eq!(shortened.deadline(), Some(Time(900 + 250)));
+}
+
+#[test]
+fn a_tc_makes_its_rounds_leader_suspected_until_one_of_its_blocks_is_certified() {
+    let fx = Fixture::new(4);
+    let mut core = fx.core(0);
+    let qc0 = QuorumCert::genesis(&fx.committee);
+    // Round 1 (led by replica 1) ends in a TC; replica 0 had not timed out itself.
+    for who in [1u16, 2, 3] {
+        let msg = fx.verified(fx.timeout(who, 1, &qc0));
+        core.handle(Time(10), Input::Message { from: ReplicaId(who), msg });
+    }
+    assert_eq!(core.round(), Round(2));
+    assert!(core.is_suspected(ReplicaId(1)));
+    assert!(!core.is_suspected(ReplicaId(2)));
+    // A certified block of a round replica 1 led clears it.
+    let genesis = Block::genesis(&fx.committee);
+    let b5 = fx.block(5, &genesis, qc0.clone(), 1);
+    let qc5 = fx.qc(&b5, &[0, 1, 2]);
+    let b6 = fx.block(6, &b5, qc5, 2);
+    core.handle(Time(20), Input::Message { from: ReplicaId(2), msg: fx.verified(fx.proposal(b6, None)) });
+    assert!(!core.is_suspected(ReplicaId(1)), "round 5's block (replica 1's) was certified");
+}
