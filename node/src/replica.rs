@@ -129,6 +129,9 @@ const MAX_HELD: usize = 1024;
 /// of 64 blocks of small batches can name tens of thousands; a replica that far behind
 /// gets them through smaller answers after its fetches catch up).
 const MAX_MISSING_PER_MESSAGE: usize = 32_768;
+/// Missing batch digests over all held messages, at most (bounds the memory a Byzantine
+/// sender's invented digests can take).
+const MAX_MISSING_HELD: usize = 65_536;
 /// Batch digests looked up for one peer per second, at most.
 const SERVE_DIGESTS_PER_SECOND: usize = 4096;
 /// This replica's own unexecuted batches are sent again after this long (a peer whose
@@ -544,9 +547,10 @@ where
             return self.step(Input::Message { from, msg });
         }
         let from_sender = self.held.iter().filter(|h| h.from == from).count();
+        let missing_held: usize = self.held.iter().map(|h| h.missing.len()).sum();
         let dropped = if self.held.len() >= MAX_HELD || from_sender >= MAX_HELD / (self.peers.len() + 1) {
             Some("held_full_dropped")
-        } else if missing.len() > MAX_MISSING_PER_MESSAGE {
+        } else if missing.len() > MAX_MISSING_PER_MESSAGE || missing_held + missing.len() > MAX_MISSING_HELD {
             Some("held_too_many_missing")
         } else {
             None
