@@ -357,13 +357,14 @@ where
         // 1. Durable before anything leaves (a vote never precedes its safety state),
         //    with the batches the records name that the store does not hold yet.
         let mut new_batches = Vec::new();
+        let mut seen = HashSet::new();
         for record in &actions.persist {
             let Some(payload) = record.payload() else { continue };
             let batches = decode_block_payload(&payload.0);
             for digest in &batches {
                 if let Some(batch) = self.mempool.batch(digest)
                     && !batch.persisted
-                    && !new_batches.iter().any(|(d, _)| d == digest)
+                    && seen.insert(*digest)
                 {
                     new_batches.push((*digest, batch.bytes.clone()));
                 }
