@@ -73,8 +73,12 @@ pub struct RuntimeSection {
     pub idle_proposal_delay_ms: u64,
     /// Pending transactions kept before clients are told to back off.
     pub mempool_max_txs: usize,
-    /// Application snapshot interval, in blocks.
+    /// Application snapshot interval, in blocks. Replicas offer their latest snapshot
+    /// to lagging peers, who need f + 1 identical offers: use one value per committee.
     pub snapshot_every: u64,
+    /// A replica more than this many blocks behind a snapshot f + 1 peers offer
+    /// installs it instead of replaying the blocks.
+    pub state_transfer_lag: u64,
 }
 
 impl Default for RuntimeSection {
@@ -85,6 +89,7 @@ impl Default for RuntimeSection {
             idle_proposal_delay_ms: runtime.idle_proposal_delay.as_millis() as u64,
             mempool_max_txs: runtime.mempool_max_txs,
             snapshot_every: 1000,
+            state_transfer_lag: runtime.state_transfer_lag,
         }
     }
 }
@@ -177,6 +182,7 @@ impl NodeConfig {
                 max_batch_txs: self.runtime.max_batch_txs,
                 idle_proposal_delay: Duration::from_millis(self.runtime.idle_proposal_delay_ms),
                 mempool_max_txs: self.runtime.mempool_max_txs,
+                state_transfer_lag: self.runtime.state_transfer_lag,
                 ..RuntimeConfig::default()
             },
             timeouts: TimeoutPolicy {

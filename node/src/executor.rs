@@ -169,6 +169,19 @@ impl<A: StateMachine> Executor<A> {
         }
     }
 
+    /// Replaces the executed state with `snapshot`'s (a stored one, or one fetched from
+    /// peers). On an error nothing changed.
+    pub fn install(&mut self, snapshot: &StoredSnapshot) -> Result<(), String> {
+        let body: SnapshotBody = codec::decode_large(&snapshot.state, crate::app::MAX_SNAPSHOT_BYTES)
+            .map_err(|e| e.to_string())?;
+        self.app.restore(&body.app).map_err(|e| e.to_string())?;
+        self.sessions = body.sessions;
+        self.height = snapshot.height;
+        self.last_block = snapshot.block;
+        self.state_digest = snapshot.state_digest;
+        Ok(())
+    }
+
     /// Restores the latest snapshot and replays the committed log after it, reading
     /// blocks from `store`. Returns the executed transaction keys (to drop from the
     /// mempool).
@@ -177,19 +190,11 @@ impl<A: StateMachine> Executor<A> {
         store: &Store,
     ) -> Result<HashSet<(u64, u64)>, StorageError> {
         if let Some(snapshot) = store.snapshot()? {
-            let body: SnapshotBody =
-                codec::decode_large(&snapshot.state, crate::app::MAX_SNAPSHOT_BYTES).map_err(|e| {
-                    StorageError::Corrupt { cf: "snapshot", key: "latest".into(), reason: e.to_string() }
-                })?;
-            self.app.restore(&body.app).map_err(|e| StorageError::Corrupt {
+            self.install(&snapshot).map_err(|reason| StorageError::Corrupt {
                 cf: "snapshot",
                 key: "latest".into(),
-                reason: e.to_string(),
+                reason,
             })?;
-            self.sessions = body.sessions;
-            self.height = snapshot.height;
-            self.last_block = snapshot.block;
-            self.state_digest = snapshot.state_digest;
         }
         let mut executed = HashSet::new();
         let last = store.last_logged_height()?;

@@ -10,6 +10,7 @@ pub mod mempool;
 pub mod metrics;
 pub mod node;
 pub mod replica;
+pub mod state_transfer;
 pub mod status;
 pub mod storage;
 pub mod testnet;

@@ -18,7 +18,7 @@ use crate::app::kv::KvStore;
 use crate::app::ledger::Ledger;
 use crate::executor::Executor;
 use crate::metrics::{Endpoints, Metrics};
-use crate::replica::{Runtime, RuntimeConfig, RuntimeError, Status, spawn_verifier};
+use crate::replica::{CoreRebuild, Runtime, RuntimeConfig, RuntimeError, Status, spawn_verifier};
 use crate::status::StatusReport;
 use crate::storage::{StorageError, Store};
 use crate::wire::PeerMessage;
@@ -55,19 +55,44 @@ pub const PBFT_PIPELINE: u64 = 8;
 /// apart.
 pub type Core<M, R> = Box<dyn Protocol<Message = M, Record = R> + Send>;
 
-/// Wraps `core` in `behaviours` if any are configured. The forger's choices are seeded
-/// from the replica id, so a testnet's attack is the same on every run.
-fn choose_core<P>(settings: &ReplicaSettings, core: P) -> Core<P::Message, P::Record>
-where
-    P: Protocol + Send + 'static,
-    P::Message: Forgeable,
-{
-    match &settings.byzantine {
-        None => Box::new(core),
-        Some(behaviours) => {
-            let key = KeyPair::from_seed(*settings.key.secret_bytes());
-            let forger = Forger::new(settings.id, key, settings.committee.clone(), u64::from(settings.id.0));
-            Box::new(Byzantine::new(core, behaviours.clone(), forger))
+/// What building a core needs, apart from the store: taken from the settings once, so
+/// the runtime can build the core again after installing a snapshot (as a restart
+/// would).
+#[derive(Clone)]
+pub struct CoreSpec {
+    id: ReplicaId,
+    committee: Committee,
+    key: Arc<KeyPair>,
+    timeouts: TimeoutPolicy,
+    byzantine: Option<Behaviours>,
+}
+
+impl CoreSpec {
+    fn of(settings: &ReplicaSettings) -> CoreSpec {
+        CoreSpec {
+            id: settings.id,
+            committee: settings.committee.clone(),
+            key: Arc::new(KeyPair::from_seed(*settings.key.secret_bytes())),
+            timeouts: settings.timeouts,
+            byzantine: settings.byzantine.clone(),
+        }
+    }
+
+    /// Wraps `core` in the configured Byzantine behaviours, if any. The forger's
+    /// choices are seeded from the replica id, so a testnet's attack is the same on
+    /// every run.
+    fn wrap<P>(&self, core: P) -> Core<P::Message, P::Record>
+    where
+        P: Protocol + Send + 'static,
+        P::Message: Forgeable,
+    {
+        match &self.byzantine {
+            None => Box::new(core),
+            Some(behaviours) => {
+                let key = KeyPair::from_seed(*self.key.secret_bytes());
+                let forger = Forger::new(self.id, key, self.committee.clone(), u64::from(self.id.0));
+                Box::new(Byzantine::new(core, behaviours.clone(), forger))
+            }
         }
     }
 }
@@ -135,7 +160,7 @@ impl RunningReplica {
 
 /// Builds a HotStuff core from what the store holds and what was executed.
 fn recover_hotstuff<A: StateMachine>(
-    settings: &ReplicaSettings,
+    settings: &CoreSpec,
     store: &Store,
     executor: &Executor<A>,
 ) -> Result<HotStuff, StorageError> {
@@ -183,7 +208,7 @@ fn recover_hotstuff<A: StateMachine>(
 
 /// Builds a PBFT core from what the store holds and what was executed.
 fn recover_pbft<A: StateMachine>(
-    settings: &ReplicaSettings,
+    settings: &CoreSpec,
     store: &Store,
     executor: &Executor<A>,
 ) -> Result<pbft::Pbft, StorageError> {
@@ -239,16 +264,29 @@ pub async fn start_with_app<A: StateMachine>(
         .map_err(|e| StorageError::Open { path: settings.data_dir.clone(), reason: e.to_string() })?;
     let store = Store::open(&settings.data_dir, settings.committee.chain_id())?;
     let mut executor = Executor::new(app, settings.snapshot_every);
+    let spec = CoreSpec::of(&settings);
     match settings.protocol {
         ProtocolKind::HotStuff => {
             executor.recover::<Record>(&store)?;
-            let core = choose_core(&settings, recover_hotstuff(&settings, &store, &executor)?);
-            launch(settings, store, executor, core).await
+            // HotStuff restarts from the block it executed last: a snapshot installed
+            // from peers must come with that block.
+            let rebuild = CoreRebuild {
+                needs_anchor: true,
+                build: Box::new(move |store, executor| {
+                    Ok(spec.wrap(recover_hotstuff(&spec, store, executor)?))
+                }),
+            };
+            let core = (rebuild.build)(&store, &executor)?;
+            launch(settings, store, executor, core, rebuild).await
         }
         ProtocolKind::Pbft => {
             executor.recover::<pbft::Record>(&store)?;
-            let core = choose_core(&settings, recover_pbft(&settings, &store, &executor)?);
-            launch(settings, store, executor, core).await
+            let rebuild = CoreRebuild {
+                needs_anchor: false,
+                build: Box::new(move |store, executor| Ok(spec.wrap(recover_pbft(&spec, store, executor)?))),
+            };
+            let core = (rebuild.build)(&store, &executor)?;
+            launch(settings, store, executor, core, rebuild).await
         }
     }
 }
@@ -260,6 +298,7 @@ async fn launch<A, M, R>(
     store: Store,
     executor: Executor<A>,
     core: Core<M, R>,
+    rebuild: CoreRebuild<Core<M, R>, A>,
 ) -> Result<RunningReplica, NodeError>
 where
     A: StateMachine,
@@ -276,7 +315,13 @@ where
     if let Some(behaviours) = &byzantine {
         metrics.byzantine.get_or_create(&crate::metrics::label("behaviours", behaviours)).set(1);
     }
-    let (status_tx, status) = watch::channel(Status { byzantine: byzantine.clone(), ..Status::default() });
+    let recovered = Status {
+        byzantine: byzantine.clone(),
+        height: executor.height(),
+        state_digest: executor.state_digest(),
+        ..Status::default()
+    };
+    let (status_tx, status) = watch::channel(recovered);
     let committee = Arc::new(settings.committee.clone());
     let (network, raw_inbound) = ReplicaNetwork::<PeerMessage<M>>::start(
         settings.network.clone(),
@@ -328,6 +373,7 @@ where
         metrics.clone(),
         status_tx,
         peers,
+        rebuild,
     );
     let task = tokio::spawn(async move {
         let network = runtime.run(inbound, clients, shutdown_rx).await?;
@@ -397,7 +443,7 @@ mod tests {
         {
             let store = Store::open(dir.path(), committee.chain_id()).unwrap();
             let executor = Executor::new(KvStore::default(), 10);
-            let mut core = recover_hotstuff(&s, &store, &executor).unwrap();
+            let mut core = recover_hotstuff(&CoreSpec::of(&s), &store, &executor).unwrap();
             core.handle(Time(0), Input::Start);
             let actions =
                 core.handle(Time(1), Input::Message { from: ReplicaId(1), msg: proposal(block(1)) });
@@ -407,7 +453,7 @@ mod tests {
         }
         let store = Store::open(dir.path(), committee.chain_id()).unwrap();
         let executor = Executor::new(KvStore::default(), 10);
-        let mut core = recover_hotstuff(&s, &store, &executor).unwrap();
+        let mut core = recover_hotstuff(&CoreSpec::of(&s), &store, &executor).unwrap();
         core.handle(Time(0), Input::Start);
         let again = core.handle(Time(1), Input::Message { from: ReplicaId(1), msg: proposal(block(2)) });
         assert!(!again.send.iter().any(|o| matches!(o.msg, Message::Vote(_))), "no second vote in round 1");

@@ -22,7 +22,7 @@ use bulwark_consensus::{
     Actions, CommittedBlock, Event, Height, Input, Outgoing, PayloadRequest, Protocol, Recipient, Round,
     StoredRecord, Time, WireMessage,
 };
-use bulwark_crypto::{Committee, Digest, ReplicaId, Verified};
+use bulwark_crypto::{Committee, Digest, ReplicaId, Verified, codec};
 use bulwark_network::{ClientRequest, ReplicaNetwork, ReplySender};
 use tokio::sync::{mpsc, watch};
 
@@ -30,11 +30,13 @@ use crate::app::{StateMachine, Transaction};
 use crate::executor::{Executor, checked_batch};
 use crate::mempool::{Admission, BatchAdmission, Mempool, MempoolLimits};
 use crate::metrics::{Metrics, label};
+use crate::state_transfer::{ChunkOutcome, Fetch, Received, StateTransfer};
 use crate::storage::{StorageError, Store, StoredSnapshot};
 use crate::wire::{
     MAX_BLOCK_BATCHES, MAX_FETCH_BATCHES, MAX_OP_BYTES, Outcome, PeerMessage, Rejection, Replies, Reply,
-    Request, RequestKind, batch_digest, client_id_of, decode_batch, decode_block_payload,
-    encode_block_payload, is_keyed_client_id,
+    Request, RequestKind, SNAPSHOT_CHUNK_BYTES, SnapshotChunk, SnapshotFetch, SnapshotInfo, batch_digest,
+    client_id_of, decode_batch, decode_block_payload, encode_block_payload, is_keyed_client_id,
+    snapshot_digest,
 };
 
 /// How the runtime batches and paces.
@@ -62,6 +64,9 @@ pub struct RuntimeConfig {
     pub peer_batch_quota_bytes: usize,
     /// Replies kept to answer retries of executed requests.
     pub reply_cache: usize,
+    /// A replica whose executed height is more than this many blocks below a snapshot
+    /// `f + 1` peers offer installs that snapshot instead of replaying the blocks.
+    pub state_transfer_lag: u64,
 }
 
 impl Default for RuntimeConfig {
@@ -77,6 +82,7 @@ impl Default for RuntimeConfig {
             mempool_max_bytes: 256 << 20,
             peer_batch_quota_bytes: 128 << 20,
             reply_cache: 100_000,
+            state_transfer_lag: 1024,
         }
     }
 }
@@ -139,6 +145,12 @@ const SERVE_DIGESTS_PER_SECOND: usize = 4096;
 const RESEND_OWN_AFTER: Duration = Duration::from_secs(5);
 /// Own batches re-sent per maintenance tick, at most.
 const RESEND_PER_TICK: usize = 4;
+/// Per peer per second: at most this many snapshot bytes served.
+const SERVE_SNAPSHOT_BYTES_PER_SECOND: usize = 64 << 20;
+/// How often a replica offers its snapshot to its peers.
+const OFFER_EVERY: Duration = Duration::from_secs(1);
+/// Largest chain record accepted with a fetched snapshot.
+const MAX_ANCHOR_BYTES: usize = 8 << 20;
 /// Bytes of batches served to one peer per second (fetches are answered, not floods).
 const SERVE_BYTES_PER_SECOND: usize = 64 << 20;
 /// Client ids with a reply session, at most; sessions per client id, at most.
@@ -164,7 +176,34 @@ pub enum Inbound<M> {
         from: ReplicaId,
         digests: Vec<Digest>,
     },
+    SnapshotOffer(ReplicaId, SnapshotInfo),
+    SnapshotQuery(ReplicaId),
+    SnapshotFetch(ReplicaId, SnapshotFetch),
+    SnapshotChunk(ReplicaId, SnapshotChunk),
 }
+
+/// Builds the core again from the store and the executor, as a restart would: used
+/// after a snapshot fetched from peers is installed.
+pub struct CoreRebuild<P, A: StateMachine> {
+    /// Whether the core restarts from the chain record of the last executed block
+    /// (HotStuff), which must then come with a fetched snapshot.
+    pub needs_anchor: bool,
+    #[allow(clippy::type_complexity)]
+    pub build: Box<dyn Fn(&Store, &Executor<A>) -> Result<P, StorageError> + Send>,
+}
+
+/// The snapshot this replica serves to lagging peers: its latest durable one.
+struct Offer {
+    info: SnapshotInfo,
+    state: Vec<u8>,
+    /// The encoded chain record of the snapshot's block (empty if the store has none).
+    anchor: Vec<u8>,
+}
+
+/// The snapshots this replica serves: its latest and the one before (a transfer under
+/// way when a new snapshot is taken can finish), newest last.
+type SharedOffer = Arc<std::sync::Mutex<VecDeque<Arc<Offer>>>>;
+const OFFERS_KEPT: usize = 2;
 
 /// A message waiting for the batches its payload names.
 struct Held<M> {
@@ -208,6 +247,14 @@ pub struct Runtime<P: Protocol, A: StateMachine> {
     /// Per peer: the start of its serving window, and the bytes served and digests
     /// looked up in it.
     served: HashMap<ReplicaId, (Instant, usize, usize)>,
+    rebuild: CoreRebuild<P, A>,
+    transfer: StateTransfer,
+    offer: SharedOffer,
+    offer_sent: Instant,
+    /// Per peer: the start of its snapshot serving window and the bytes served in it.
+    snapshot_served: HashMap<ReplicaId, (Instant, usize)>,
+    /// When each peer's query for our offer was last answered.
+    offer_answered: HashMap<ReplicaId, Instant>,
 }
 
 /// Why the runtime stopped.
@@ -233,9 +280,13 @@ where
         metrics: Arc<Metrics>,
         status: watch::Sender<Status>,
         peers: Vec<ReplicaId>,
+        rebuild: CoreRebuild<P, A>,
     ) -> Self {
         let store = Arc::new(store);
-        let snapshots = Some(SnapshotWriter::spawn(store.clone(), metrics.clone()));
+        let offer = SharedOffer::default();
+        let snapshots = Some(SnapshotWriter::spawn(store.clone(), metrics.clone(), offer.clone()));
+        // f + 1 identical offers vouch for a snapshot (n = peers + 1, f = (n - 1) / 3).
+        let transfer = StateTransfer::new(peers.len() / 3 + 1, cfg.state_transfer_lag);
         let mempool = Mempool::new(
             me,
             MempoolLimits {
@@ -270,6 +321,12 @@ where
             held: VecDeque::new(),
             fetching: HashMap::new(),
             served: HashMap::new(),
+            rebuild,
+            transfer,
+            offer,
+            offer_sent: Instant::now(),
+            snapshot_served: HashMap::new(),
+            offer_answered: HashMap::new(),
         }
     }
 
@@ -286,6 +343,8 @@ where
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<ReplicaNetwork<PeerMessage<P::Message>>, RuntimeError> {
         self.step(Input::Start)?;
+        // A replica that was down may be far behind: ask for snapshot offers now.
+        let _ = self.network.broadcast(&PeerMessage::SnapshotQuery);
         let mut gauges = tokio::time::interval(GAUGE_REFRESH);
         gauges.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut maintenance = tokio::time::interval(MAINTENANCE);
@@ -504,6 +563,12 @@ where
 
     fn on_inbound(&mut self, inbound: Inbound<P::Message>) -> Result<(), RuntimeError> {
         match inbound {
+            // While a snapshot is fetched the core is far behind and useless: its
+            // messages are dropped (as if lost) rather than caught up on block by block.
+            Inbound::Message(..) if self.transfer.in_progress().is_some() => {
+                self.metrics.snapshots.get_or_create(&label("event", "message_dropped_in_transfer")).inc();
+                Ok(())
+            }
             Inbound::Message(from, msg) => self.deliver_or_hold(from, msg),
             Inbound::Batch { from, digest, bytes } => {
                 let solicited = self.fetching.contains_key(&digest);
@@ -525,7 +590,147 @@ where
                 self.serve_batches(from, &digests);
                 Ok(())
             }
+            Inbound::SnapshotOffer(from, info) => {
+                self.transfer.on_offer(from, info);
+                Ok(())
+            }
+            Inbound::SnapshotQuery(from) => {
+                let now = Instant::now();
+                let last = self.offer_answered.insert(from, now);
+                if last.is_none_or(|at| now.duration_since(at) >= OFFER_EVERY) {
+                    let offer = self.offer.lock().ok().and_then(|offers| offers.back().map(|o| o.info));
+                    if let Some(info) = offer {
+                        let _ = self.network.send(from, &PeerMessage::SnapshotOffer(info));
+                    }
+                }
+                Ok(())
+            }
+            Inbound::SnapshotFetch(from, fetch) => {
+                self.serve_snapshot(from, fetch);
+                Ok(())
+            }
+            Inbound::SnapshotChunk(from, chunk) => {
+                match self.transfer.on_chunk(from, chunk, Instant::now()) {
+                    ChunkOutcome::Ignored => {
+                        self.metrics.snapshots.get_or_create(&label("event", "chunk_ignored")).inc();
+                        Ok(())
+                    }
+                    ChunkOutcome::Progress(fetches) => {
+                        self.send_snapshot_fetches(fetches);
+                        Ok(())
+                    }
+                    ChunkOutcome::Corrupt => {
+                        self.metrics.snapshots.get_or_create(&label("event", "transfer_corrupt")).inc();
+                        tracing::warn!(
+                            "fetched snapshot bytes do not match the vouched digest; fetching again"
+                        );
+                        Ok(())
+                    }
+                    ChunkOutcome::Complete(received) => self.install_snapshot(received),
+                }
+            }
         }
+    }
+
+    fn send_snapshot_fetches(&mut self, fetches: Vec<Fetch>) {
+        for fetch in fetches {
+            let _ = self.network.send(fetch.to, &PeerMessage::SnapshotFetch(fetch.request));
+        }
+    }
+
+    /// Answers a peer's request for bytes of the snapshot this replica offers, within
+    /// a per-peer byte budget.
+    fn serve_snapshot(&mut self, from: ReplicaId, fetch: SnapshotFetch) {
+        let offer = self.offer.lock().ok().and_then(|offers| {
+            offers
+                .iter()
+                .find(|o| {
+                    o.info.height == fetch.height
+                        && o.info.digest == fetch.digest
+                        && fetch.offset < o.info.size
+                })
+                .cloned()
+        });
+        let Some(offer) = offer else {
+            self.metrics.snapshots.get_or_create(&label("event", "fetch_not_offered")).inc();
+            return;
+        };
+        let now = Instant::now();
+        let window = self.snapshot_served.entry(from).or_insert((now, 0));
+        if now.duration_since(window.0) >= Duration::from_secs(1) {
+            *window = (now, 0);
+        }
+        let start = fetch.offset as usize;
+        let end = (start + SNAPSHOT_CHUNK_BYTES).min(offer.state.len());
+        if window.1 + (end - start) > SERVE_SNAPSHOT_BYTES_PER_SECOND {
+            self.metrics.snapshots.get_or_create(&label("event", "serve_over_budget")).inc();
+            return;
+        }
+        window.1 += end - start;
+        let chunk = SnapshotChunk {
+            height: offer.info.height,
+            digest: offer.info.digest,
+            offset: fetch.offset,
+            bytes: offer.state[start..end].to_vec(),
+            anchor: if start == 0 { offer.anchor.clone() } else { Vec::new() },
+        };
+        if self.network.send(from, &PeerMessage::SnapshotChunk(chunk)).is_ok() {
+            self.metrics.snapshots.get_or_create(&label("event", "chunk_served")).inc();
+        }
+    }
+
+    /// Installs a snapshot fetched from peers (its bytes match the digest `f + 1` of
+    /// them vouch for): the application state and sessions, durably with its block,
+    /// then a core built from the store as after a restart.
+    fn install_snapshot(&mut self, received: Received) -> Result<(), RuntimeError> {
+        let info = received.info;
+        if info.height <= self.executor.height() {
+            return Ok(());
+        }
+        let anchor = codec::decode::<P::Record>(&received.anchor, MAX_ANCHOR_BYTES)
+            .ok()
+            .filter(|r| r.chain_link().is_some_and(|(digest, _)| digest == info.block));
+        let refuse = |this: &mut Self, event: &str, reason: String| {
+            this.metrics.snapshots.get_or_create(&label("event", event)).inc();
+            tracing::warn!(height = %info.height, sources = ?received.sources, %reason, "refused a fetched snapshot");
+            this.transfer.refused(&received);
+        };
+        if self.rebuild.needs_anchor && anchor.is_none() {
+            refuse(self, "transfer_refused_anchor", "its block's record is missing or wrong".into());
+            return Ok(());
+        }
+        let snapshot = StoredSnapshot {
+            height: info.height,
+            block: info.block,
+            state_digest: info.state_digest,
+            state: received.state.clone(),
+        };
+        if let Err(reason) = tokio::task::block_in_place(|| self.executor.install(&snapshot)) {
+            refuse(self, "transfer_refused_state", reason);
+            return Ok(());
+        }
+        // A snapshot of the old state still being written must not land after this.
+        if let Some(writer) = self.snapshots.take() {
+            tokio::task::block_in_place(|| writer.finish());
+        }
+        tokio::task::block_in_place(|| self.store.install_snapshot(&snapshot, anchor.as_ref()))?;
+        self.snapshots =
+            Some(SnapshotWriter::spawn(self.store.clone(), self.metrics.clone(), self.offer.clone()));
+        self.core = tokio::task::block_in_place(|| (self.rebuild.build)(&self.store, &self.executor))?;
+        self.pending_chain.clear();
+        self.payload_wanted = None;
+        self.metrics.snapshots.get_or_create(&label("event", "transfer_installed")).inc();
+        self.metrics.height.set(info.height.0 as i64);
+        tracing::info!(height = %info.height, state_digest = %info.state_digest, bytes = info.size, "installed a snapshot from peers");
+        self.status.send_modify(|s| {
+            s.height = info.height;
+            s.state_digest = info.state_digest;
+            s.recent_digests.push_back((info.height, info.state_digest));
+            if s.recent_digests.len() > RECENT_DIGESTS {
+                s.recent_digests.pop_front();
+            }
+        });
+        self.step(Input::Start)
     }
 
     /// Whether this replica holds the batch (pending, or in the store).
@@ -674,6 +879,7 @@ where
         }
         self.metrics.held_messages.set(self.held.len() as i64);
         self.fetching.retain(|_, at| now.duration_since(*at) < HOLD_LIMIT);
+        self.maintain_state_transfer(now);
         let named: HashSet<Digest> =
             self.pending_chain.values().flat_map(|(_, _, b)| b.iter().copied()).collect();
         for bytes in self.mempool.due_for_resend(now, RESEND_OWN_AFTER, &named, RESEND_PER_TICK) {
@@ -681,6 +887,27 @@ where
             self.metrics.batches.get_or_create(&label("event", "resent")).inc();
         }
         Ok(())
+    }
+
+    /// Offers this replica's snapshot to its peers now and then, and starts or moves on
+    /// a transfer of one when this replica is far behind.
+    fn maintain_state_transfer(&mut self, now: Instant) {
+        if now.duration_since(self.offer_sent) >= OFFER_EVERY {
+            self.offer_sent = now;
+            let offer = self.offer.lock().ok().and_then(|offers| offers.back().map(|o| o.info));
+            if let Some(info) = offer {
+                let _ = self.network.broadcast(&PeerMessage::SnapshotOffer(info));
+            }
+        }
+        let before = self.transfer.in_progress();
+        let fetches = self.transfer.poll(now, self.executor.height());
+        if let Some(info) = self.transfer.in_progress()
+            && before != Some(info)
+        {
+            self.metrics.snapshots.get_or_create(&label("event", "transfer_started")).inc();
+            tracing::info!(height = %info.height, executed = %self.executor.height(), bytes = info.size, "far behind: fetching a snapshot that f + 1 peers offer");
+        }
+        self.send_snapshot_fetches(fetches);
     }
 
     /// Sends the batches sealed since the last call to every peer.
@@ -943,17 +1170,39 @@ struct SnapshotWriter {
 }
 
 impl SnapshotWriter {
-    fn spawn(store: Arc<Store>, metrics: Arc<Metrics>) -> SnapshotWriter {
+    /// Also publishes each written snapshot (and, first, the stored one) in `offer`.
+    fn spawn(store: Arc<Store>, metrics: Arc<Metrics>, offer: SharedOffer) -> SnapshotWriter {
         let (jobs, queued) = std::sync::mpsc::sync_channel::<SnapshotJob>(0);
         let m = metrics.clone();
+        let publish = move |store: &Store, snapshot: StoredSnapshot| {
+            let anchor = store.chain_record_bytes(&snapshot.block).ok().flatten().unwrap_or_default();
+            let info = SnapshotInfo {
+                height: snapshot.height,
+                block: snapshot.block,
+                state_digest: snapshot.state_digest,
+                size: snapshot.state.len() as u64,
+                digest: snapshot_digest(&snapshot.state),
+            };
+            if let Ok(mut offers) = offer.lock() {
+                offers.retain(|o| o.info.height < info.height);
+                offers.push_back(Arc::new(Offer { info, state: snapshot.state, anchor }));
+                while offers.len() > OFFERS_KEPT {
+                    offers.pop_front();
+                }
+            }
+        };
         let thread = std::thread::Builder::new()
             .name("snapshots".into())
             .spawn(move || {
+                if let Ok(Some(snapshot)) = store.snapshot() {
+                    publish(&store, snapshot);
+                }
                 for job in queued {
                     let snapshot = job();
                     match store.save_snapshot(&snapshot) {
                         Ok(()) => {
                             m.snapshots.get_or_create(&label("event", "written")).inc();
+                            publish(&store, snapshot);
                         }
                         Err(e) => {
                             m.snapshots.get_or_create(&label("event", "failed")).inc();
@@ -1037,6 +1286,16 @@ where
                             digests.truncate(MAX_FETCH_BATCHES);
                         }
                         Inbound::FetchBatches { from, digests }
+                    }
+                    PeerMessage::SnapshotOffer(info) => Inbound::SnapshotOffer(from, info),
+                    PeerMessage::SnapshotQuery => Inbound::SnapshotQuery(from),
+                    PeerMessage::SnapshotFetch(fetch) => Inbound::SnapshotFetch(from, fetch),
+                    PeerMessage::SnapshotChunk(chunk) => {
+                        if chunk.bytes.len() > SNAPSHOT_CHUNK_BYTES || chunk.anchor.len() > MAX_ANCHOR_BYTES {
+                            refuse("oversized_snapshot_chunk");
+                            continue;
+                        }
+                        Inbound::SnapshotChunk(from, chunk)
                     }
                 };
                 if verified_tx.blocking_send(inbound).is_err() {

@@ -246,6 +246,30 @@ impl Store {
         self.put_synced("snapshot", b"latest", snapshot)
     }
 
+    /// Installs a snapshot fetched from peers, atomically and durably: the snapshot,
+    /// the chain record of its block (`anchor`, for protocols that restart from it) and
+    /// the log entry of its height. A restart then recovers from it.
+    pub fn install_snapshot<R: StoredRecord>(
+        &self,
+        snapshot: &StoredSnapshot,
+        anchor: Option<&R>,
+    ) -> Result<(), StorageError> {
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.cf("snapshot")?, b"latest", codec::encode(snapshot)?);
+        if let Some(record) = anchor
+            && let Some((digest, _)) = record.chain_link()
+        {
+            batch.put_cf(self.cf("chain")?, digest.as_bytes(), codec::encode(record)?);
+        }
+        batch.put_cf(self.cf("log")?, snapshot.height.0.to_be_bytes(), codec::encode(&snapshot.block)?);
+        self.write(batch, true)
+    }
+
+    /// The encoded chain record stored under `digest`, as stored.
+    pub fn chain_record_bytes(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.db.get_cf(self.cf("chain")?, digest.as_bytes())?)
+    }
+
     pub fn snapshot(&self) -> Result<Option<StoredSnapshot>, StorageError> {
         self.get_limited("snapshot", b"latest", crate::app::MAX_SNAPSHOT_BYTES + 4096)
     }

@@ -25,7 +25,62 @@ pub enum PeerMessage<M> {
     Batch(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Asks for the batches with these digests (at most [`MAX_FETCH_BATCHES`] are served).
     FetchBatches(Vec<Digest>),
+    /// The latest application snapshot this replica can serve (sent every second).
+    SnapshotOffer(SnapshotInfo),
+    /// Asks for the peer's offer now (a replica that just started may be far behind).
+    SnapshotQuery,
+    /// Asks for the bytes of an offered snapshot from `offset` on.
+    SnapshotFetch(SnapshotFetch),
+    /// Bytes of an offered snapshot.
+    SnapshotChunk(SnapshotChunk),
 }
+
+/// An application snapshot a replica offers to lagging peers. Honest replicas that
+/// snapshot at the same height produce identical bytes, so `f + 1` identical offers
+/// vouch for one (at least one of them is honest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct SnapshotInfo {
+    /// The executed height the snapshot was taken at ...
+    pub height: Height,
+    /// ... the last block executed (its log digest for PBFT) ...
+    pub block: Digest,
+    /// ... and the replica's state digest after it.
+    pub state_digest: Digest,
+    /// The length of the snapshot's bytes and their [`snapshot_digest`].
+    pub size: u64,
+    pub digest: Digest,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotFetch {
+    pub height: Height,
+    pub digest: Digest,
+    pub offset: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotChunk {
+    pub height: Height,
+    pub digest: Digest,
+    pub offset: u64,
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+    /// With the first chunk: the encoded chain record of the snapshot's block, if the
+    /// protocol keeps one (HotStuff's new root after the install); empty otherwise.
+    #[serde(with = "serde_bytes")]
+    pub anchor: Vec<u8>,
+}
+
+/// Most bytes of one [`SnapshotChunk`].
+pub const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// The name of a snapshot's bytes: SHA-256 over them, domain-separated (the same as
+/// feeding [`SNAPSHOT_DOMAIN`] and then the bytes to a hasher).
+pub fn snapshot_digest(bytes: &[u8]) -> Digest {
+    Digest::of_parts(&[SNAPSHOT_DOMAIN, bytes])
+}
+
+pub const SNAPSHOT_DOMAIN: &[u8] = b"bulwark/snapshot";
 
 /// Most batches served for one [`PeerMessage::FetchBatches`].
 pub const MAX_FETCH_BATCHES: usize = 64;

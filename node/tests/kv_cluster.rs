@@ -19,6 +19,8 @@ struct Cluster {
     keys: Vec<KeyPair>,
     dirs: Vec<tempfile::TempDir>,
     client_ports: Vec<u16>,
+    runtime: RuntimeConfig,
+    timeouts: TimeoutPolicy,
     replicas: Vec<Option<RunningReplica>>,
 }
 
@@ -28,8 +30,6 @@ fn free_udp_port() -> u16 {
 }
 
 fn settings(c: &Cluster, i: usize) -> ReplicaSettings {
-    // Short round timeouts: with round-robin leaders, a crashed replica's rounds each
-    // cost one timeout.
     ReplicaSettings {
         id: ReplicaId(i as u16),
         committee: c.committee.clone(),
@@ -41,8 +41,8 @@ fn settings(c: &Cluster, i: usize) -> ReplicaSettings {
             reconnect_max_backoff: Duration::from_millis(500),
             ..NetworkConfig::default()
         },
-        runtime: RuntimeConfig::default(),
-        timeouts: TimeoutPolicy { base_ms: 300, max_ms: 1200 },
+        runtime: c.runtime.clone(),
+        timeouts: c.timeouts,
         snapshot_every: 50,
         app: c.app,
         byzantine: None,
@@ -63,9 +63,22 @@ impl Cluster {
     /// one may take one in between: a cluster whose port was taken is built again with
     /// new ones (a few times).
     async fn start_with(n: usize, app: AppKind, protocol: ProtocolKind) -> Cluster {
+        // Short round timeouts: with round-robin leaders, a crashed replica's rounds each
+        // cost one timeout.
+        let timeouts = TimeoutPolicy { base_ms: 300, max_ms: 1200 };
+        Cluster::start_tuned(n, app, protocol, RuntimeConfig::default(), timeouts).await
+    }
+
+    async fn start_tuned(
+        n: usize,
+        app: AppKind,
+        protocol: ProtocolKind,
+        runtime: RuntimeConfig,
+        timeouts: TimeoutPolicy,
+    ) -> Cluster {
         let mut attempt = 0;
         loop {
-            match Cluster::try_start(n, app, protocol).await {
+            match Cluster::try_start(n, app, protocol, runtime.clone(), timeouts).await {
                 Ok(cluster) => return cluster,
                 Err(NodeError::Network(NetworkError::Bind { address, reason })) if attempt < 5 => {
                     eprintln!("port {address} taken ({reason}); new ports");
@@ -76,7 +89,13 @@ impl Cluster {
         }
     }
 
-    async fn try_start(n: usize, app: AppKind, protocol: ProtocolKind) -> Result<Cluster, NodeError> {
+    async fn try_start(
+        n: usize,
+        app: AppKind,
+        protocol: ProtocolKind,
+        runtime: RuntimeConfig,
+        timeouts: TimeoutPolicy,
+    ) -> Result<Cluster, NodeError> {
         let keys: Vec<KeyPair> = (0..n).map(|_| KeyPair::generate()).collect();
         let committee =
             Committee::from_keys("kv-cluster-test", &keys, |_| format!("127.0.0.1:{}", free_udp_port()))
@@ -88,6 +107,8 @@ impl Cluster {
             keys,
             dirs: (0..n).map(|_| tempfile::tempdir().expect("tempdir")).collect(),
             client_ports: (0..n).map(|_| free_udp_port()).collect(),
+            runtime,
+            timeouts,
             replicas: Vec::new(),
         };
         for i in 0..n {
@@ -132,6 +153,23 @@ impl Cluster {
                 }
             }
         }
+    }
+
+    /// Starts replica `i` again, waiting for its ports to be free (a replica killed a
+    /// moment ago may still hold them).
+    async fn restart(&mut self, i: usize) {
+        let mut last = None;
+        for _ in 0..150 {
+            match start_replica(settings(self, i)).await {
+                Ok(replica) => {
+                    self.replicas[i] = Some(replica);
+                    return;
+                }
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("replica {i} did not restart: {last:?}");
     }
 
     async fn stop(self) {
@@ -255,6 +293,89 @@ async fn restarted_replica_catches_up(protocol: ProtocolKind, victim: usize) {
         );
     }
     cluster.stop().await;
+}
+
+/// A replica down for hundreds of blocks installs a snapshot that f + 1 peers offer
+/// (instead of replaying every block), reaches the others' digests, serves the keys
+/// written while it was down from its own state, and restarts from the installed
+/// snapshot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_far_behind_installs_a_snapshot_from_its_peers() {
+    replica_far_behind_installs_a_snapshot(ProtocolKind::HotStuff).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn pbft_a_replica_far_behind_installs_a_snapshot_from_its_peers() {
+    replica_far_behind_installs_a_snapshot(ProtocolKind::Pbft).await;
+}
+
+async fn replica_far_behind_installs_a_snapshot(protocol: ProtocolKind) {
+    const VICTIM: usize = 3;
+    const LAG: u64 = 40;
+    // The others build a long chain fast while the victim is down: idle leaders propose
+    // at once, and the dead leader's rounds cost little.
+    let runtime = RuntimeConfig { idle_proposal_delay: Duration::from_millis(1), ..RuntimeConfig::default() };
+    let timeouts = TimeoutPolicy { base_ms: 60, max_ms: 600 };
+    let mut cluster = Cluster::start_tuned(4, AppKind::Kv, protocol, runtime, timeouts).await;
+    let started = std::time::Instant::now();
+    let mut client = cluster.client().await;
+    client.execute(put(0)).await.expect("write");
+    cluster.replicas[VICTIM].take().expect("running").kill().await;
+    let height = |c: &Cluster, i: usize| c.replicas[i].as_ref().expect("running").status.borrow().height;
+    let mut written = 1;
+    while height(&cluster, 0).0 < 50 * LAG {
+        client.execute(put(written)).await.expect("write");
+        written += 1;
+    }
+    eprintln!("{:?}: the others are at height {}", started.elapsed(), height(&cluster, 0));
+    let mut victim = settings(&cluster, VICTIM);
+    victim.runtime.state_transfer_lag = LAG;
+    cluster.replicas[VICTIM] = Some(start_replica(victim).await.expect("restart"));
+    let installed = |c: &Cluster| snapshot_events(c, VICTIM).contains("transfer_installed\"} 1");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !(installed(&cluster) && height(&cluster, VICTIM) >= height(&cluster, 0)) {
+        client.execute(put(written)).await.expect("write");
+        written += 1;
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no snapshot installed and caught up: {}",
+            snapshot_events(&cluster, VICTIM)
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("{:?}: victim's snapshot events: {}", started.elapsed(), snapshot_events(&cluster, VICTIM));
+    cluster.assert_same_digests();
+    // Keys written while it was down are in its own state.
+    let mut reader = cluster.client().await;
+    for i in (1..written).step_by(37) {
+        let (_, result) = reader.read_local(ReplicaId(VICTIM as u16), get(i)).await.expect("local read");
+        assert_eq!(KvResult::decode(&result), Some(KvResult::Value(Some(format!("value-{i}").into_bytes()))));
+    }
+    // A crash after the install restarts from the installed snapshot (or a later one).
+    let before = height(&cluster, VICTIM);
+    cluster.replicas[VICTIM].take().expect("running").kill().await;
+    cluster.restart(VICTIM).await;
+    assert!(height(&cluster, VICTIM).0 + 2 * 50 >= before.0, "restarted below the installed snapshot");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while height(&cluster, VICTIM) < height(&cluster, 0) {
+        client.execute(put(written)).await.expect("write");
+        written += 1;
+        assert!(tokio::time::Instant::now() < deadline, "did not catch up after the second restart");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    cluster.assert_same_digests();
+    cluster.stop().await;
+}
+
+fn snapshot_events(cluster: &Cluster, i: usize) -> String {
+    let replica = cluster.replicas[i].as_ref().expect("running");
+    replica
+        .metrics
+        .render()
+        .lines()
+        .filter(|l| l.starts_with("bulwark_snapshots_total"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
