@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 /// Bumped when the on-disk format changes incompatibly.
 pub const STORAGE_VERSION: u32 = 2;
 const CFS: [&str; 6] = ["meta", "chain", "safety", "log", "snapshot", "batches"];
+/// Bytes of memtables (writes not yet flushed to files) across all column families.
+const MEMTABLE_BUDGET: usize = 64 << 20;
 /// Largest stored value accepted when reading back.
 const MAX_RECORD_BYTES: usize = 64 << 20;
 
@@ -70,7 +72,14 @@ impl Store {
         let mut options = Options::default();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
-        let cfs = CFS.iter().map(|name| ColumnFamilyDescriptor::new(*name, Options::default()));
+        // Memory flat from the start: all memtables together stay under one budget
+        // (RocksDB's default lets each column family grow two 64 MiB memtables).
+        options.set_db_write_buffer_size(MEMTABLE_BUDGET);
+        let cfs = CFS.iter().map(|name| {
+            let mut cf = Options::default();
+            cf.set_write_buffer_size(MEMTABLE_BUDGET / 4);
+            ColumnFamilyDescriptor::new(*name, cf)
+        });
         let db = DB::open_cf_descriptors(&options, path, cfs)
             .map_err(|e| StorageError::Open { path: path.to_path_buf(), reason: e.to_string() })?;
         let store = Store { db, path: path.to_path_buf() };
