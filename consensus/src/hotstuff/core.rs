@@ -409,6 +409,13 @@ impl HotStuff {
         let next_leader = self.leader(round.next());
         if next_leader == self.cfg.id {
             self.on_vote(self.cfg.id, vote.into_inner());
+        } else if self.is_suspected(next_leader) {
+            // The next leader may be dead: every replica that suspects it forms this
+            // round's QC itself, so the block is certified and only the dead leader's
+            // own round times out (not this one as well).
+            let vote = vote.into_inner();
+            self.send(Recipient::AllOthers, Message::Vote(vote.clone()));
+            self.on_vote(self.cfg.id, vote);
         } else {
             self.send(Recipient::One(next_leader), Message::Vote(vote.into_inner()));
         }
@@ -416,7 +423,8 @@ impl HotStuff {
 
     fn on_vote(&mut self, from: ReplicaId, vote: Signed<VoteData>) {
         let round = vote.value.round;
-        if self.leader(round.next()) != self.cfg.id {
+        let next_leader = self.leader(round.next());
+        if next_leader != self.cfg.id && !self.is_suspected(next_leader) {
             return self.refuse(from, "vote sent to a replica that does not lead the next round");
         }
         if round.next() < self.round() || round.0 > self.round().0 + ROUND_WINDOW {

@@ -490,3 +490,51 @@ fn a_tc_makes_its_rounds_leader_suspected_until_one_of_its_blocks_is_certified()
     core.handle(Time(20), Input::Message { from: ReplicaId(2), msg: fx.verified(fx.proposal(b6, None)) });
     assert!(!core.is_suspected(ReplicaId(1)), "round 5's block (replica 1's) was certified");
 }
+
+#[test]
+fn votes_before_a_suspected_leaders_round_go_to_everyone_who_then_forms_the_qc() {
+    let fx = Fixture::new(4);
+    let mut core = fx.core(2);
+    let qc0 = QuorumCert::genesis(&fx.committee);
+    // Round 1 (replica 1's) ends in a TC: replica 1 is suspected.
+    for who in [0u16, 1, 3] {
+        let msg = fx.verified(fx.timeout(who, 1, &qc0));
+        core.handle(Time(10), Input::Message { from: ReplicaId(who), msg });
+    }
+    assert!(core.is_suspected(ReplicaId(1)));
+    // Round 4 (replica 0's) extends round 3's block; round 5 is replica 1's.
+    let genesis = Block::genesis(&fx.committee);
+    let b3 = fx.block(3, &genesis, qc0, 3);
+    let b4 = fx.block(4, &b3, fx.qc(&b3, &[0, 1, 3]), 0);
+    core.handle(Time(20), Input::Message { from: ReplicaId(3), msg: fx.verified(fx.proposal(b3, None)) });
+    let actions = core.handle(
+        Time(30),
+        Input::Message { from: ReplicaId(0), msg: fx.verified(fx.proposal(b4.clone(), None)) },
+    );
+    let sent = votes(&actions);
+    assert_eq!(sent.len(), 1);
+    assert_eq!(sent[0].0, Recipient::AllOthers, "the vote goes to everyone, not only to replica 1");
+    // Two more votes: replica 2 forms round 4's QC itself and enters round 5.
+    for who in [0u16, 3] {
+        let vote = VoteData { block: b4.digest(), round: b4.round, height: b4.height };
+        let signed = Signed::sign(vote, ReplicaId(who), &fx.keys[who as usize], fx.committee.chain_id());
+        let msg = fx.verified(Message::Vote(signed.into_inner()));
+        core.handle(Time(40), Input::Message { from: ReplicaId(who), msg });
+    }
+    assert_eq!(core.high_qc().round(), Round(4));
+    assert_eq!(core.round(), Round(5));
+    // A replica that suspects no one still refuses votes for another leader's round.
+    let mut fresh = fx.core(2);
+    let vote = VoteData { block: b4.digest(), round: b4.round, height: b4.height };
+    let signed = Signed::sign(vote, ReplicaId(0), &fx.keys[0], fx.committee.chain_id());
+    let actions = fresh.handle(
+        Time(40),
+        Input::Message { from: ReplicaId(0), msg: fx.verified(Message::Vote(signed.into_inner())) },
+    );
+    assert!(
+        actions
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Refused { reason, .. } if reason.contains("does not lead")))
+    );
+}
