@@ -149,8 +149,11 @@ const RESEND_PER_TICK: usize = 4;
 const SERVE_SNAPSHOT_BYTES_PER_SECOND: usize = 64 << 20;
 /// How often a replica offers its snapshot to its peers.
 const OFFER_EVERY: Duration = Duration::from_secs(1);
-/// Largest chain record accepted with a fetched snapshot.
-const MAX_ANCHOR_BYTES: usize = 8 << 20;
+/// Largest chain record accepted with a fetched snapshot (with a chunk, it stays below
+/// the transport's 8 MiB frame limit).
+const MAX_ANCHOR_BYTES: usize = 4 << 20;
+/// Snapshot chunks are not served to a peer whose send queue holds this many messages.
+const MAX_QUEUED_FOR_SERVING: usize = 16;
 /// Bytes of batches served to one peer per second (fetches are answered, not floods).
 const SERVE_BYTES_PER_SECOND: usize = 64 << 20;
 /// Client ids with a reply session, at most; sessions per client id, at most.
@@ -660,6 +663,11 @@ where
         if now.duration_since(window.0) >= Duration::from_secs(1) {
             *window = (now, 0);
         }
+        // A peer that does not read its chunks gets no more than a few queued.
+        if self.network.queue_len(from).unwrap_or(0) >= MAX_QUEUED_FOR_SERVING {
+            self.metrics.snapshots.get_or_create(&label("event", "serve_queue_full")).inc();
+            return;
+        }
         let start = fetch.offset as usize;
         let end = (start + SNAPSHOT_CHUNK_BYTES).min(offer.state.len());
         if window.1 + (end - start) > SERVE_SNAPSHOT_BYTES_PER_SECOND {
@@ -687,26 +695,24 @@ where
         if info.height <= self.executor.height() {
             return Ok(());
         }
-        let anchor = codec::decode::<P::Record>(&received.anchor, MAX_ANCHOR_BYTES)
-            .ok()
-            .filter(|r| r.chain_link().is_some_and(|(digest, _)| digest == info.block));
-        let refuse = |this: &mut Self, event: &str, reason: String| {
-            this.metrics.snapshots.get_or_create(&label("event", event)).inc();
-            tracing::warn!(height = %info.height, sources = ?received.sources, %reason, "refused a fetched snapshot");
-            this.transfer.refused(&received);
-        };
+        // Only a protocol that restarts from it stores the block's record (it is checked
+        // against the vouched block digest; nothing else vouches for other records).
+        let anchor = codec::decode::<P::Record>(&received.anchor, MAX_ANCHOR_BYTES).ok().filter(|r| {
+            self.rebuild.needs_anchor && r.chain_link().is_some_and(|(digest, _)| digest == info.block)
+        });
         if self.rebuild.needs_anchor && anchor.is_none() {
-            refuse(self, "transfer_refused_anchor", "its block's record is missing or wrong".into());
+            self.metrics.snapshots.get_or_create(&label("event", "transfer_refused_anchor")).inc();
+            tracing::warn!(height = %info.height, sources = ?received.sources, "refused a fetched snapshot: its block's record is missing or wrong");
+            self.transfer.refused(info.digest, &received.sources);
             return Ok(());
         }
-        let snapshot = StoredSnapshot {
-            height: info.height,
-            block: info.block,
-            state_digest: info.state_digest,
-            state: received.state.clone(),
-        };
+        let Received { state, anchor: _, sources, .. } = received;
+        let snapshot =
+            StoredSnapshot { height: info.height, block: info.block, state_digest: info.state_digest, state };
         if let Err(reason) = tokio::task::block_in_place(|| self.executor.install(&snapshot)) {
-            refuse(self, "transfer_refused_state", reason);
+            self.metrics.snapshots.get_or_create(&label("event", "transfer_refused_state")).inc();
+            tracing::warn!(height = %info.height, ?sources, %reason, "refused a fetched snapshot");
+            self.transfer.refused(info.digest, &sources);
             return Ok(());
         }
         // A snapshot of the old state still being written must not land after this.

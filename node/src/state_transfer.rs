@@ -119,6 +119,9 @@ pub struct StateTransfer {
     failed: BTreeMap<bulwark_crypto::Digest, BTreeSet<ReplicaId>>,
     /// No transfer starts before this (after one was abandoned).
     backoff_until: Option<Instant>,
+    /// Transfers started: each starts at a different source, so no one peer is always
+    /// asked first.
+    started: usize,
 }
 
 impl StateTransfer {
@@ -130,6 +133,7 @@ impl StateTransfer {
             active: None,
             failed: BTreeMap::new(),
             backoff_until: None,
+            started: 0,
         }
     }
 
@@ -164,6 +168,11 @@ impl StateTransfer {
                 // Caught up block by block meanwhile.
                 self.active = None;
             } else if now.duration_since(transfer.started) >= GIVE_UP_AFTER {
+                // Too slow (a source can trickle bytes just fast enough never to stall):
+                // the peers that served it are not asked first for it again.
+                let failed = self.failed.entry(transfer.info.digest).or_default();
+                failed.extend(transfer.served_by.iter().copied());
+                failed.insert(transfer.source());
                 self.active = None;
                 self.backoff_until = Some(now + GIVE_UP_AFTER);
                 return Vec::new();
@@ -199,7 +208,7 @@ impl StateTransfer {
         let mut transfer = Transfer {
             info,
             sources,
-            turn: 0,
+            turn: self.started,
             state: Vec::new(),
             hasher,
             anchor: Vec::new(),
@@ -208,6 +217,7 @@ impl StateTransfer {
             started: now,
             last_progress: now,
         };
+        self.started = self.started.wrapping_add(1);
         let fetches = transfer.fill_window();
         self.active = Some(transfer);
         fetches
@@ -251,8 +261,8 @@ impl StateTransfer {
 
     /// The install refused a snapshot whose bytes hashed right (its anchor was bad):
     /// its sources are not asked for it again.
-    pub fn refused(&mut self, received: &Received) {
-        self.failed.entry(received.info.digest).or_default().extend(received.sources.iter().copied());
+    pub fn refused(&mut self, digest: bulwark_crypto::Digest, sources: &BTreeSet<ReplicaId>) {
+        self.failed.entry(digest).or_default().extend(sources.iter().copied());
     }
 }
 
