@@ -201,12 +201,17 @@ struct Offer {
     state: Vec<u8>,
     /// The encoded chain record of the snapshot's block (empty if the store has none).
     anchor: Vec<u8>,
+    /// When a chunk of it was last served: a snapshot being fetched is kept.
+    served_at: std::sync::Mutex<Option<Instant>>,
 }
 
-/// The snapshots this replica serves: its latest and the one before (a transfer under
-/// way when a new snapshot is taken can finish), newest last.
+/// The snapshots this replica serves, newest last: its latest, the one before, and any
+/// older one a peer fetched from in the last few seconds (a transfer under way when new
+/// snapshots are taken can finish), at most [`OFFERS_KEPT`].
 type SharedOffer = Arc<std::sync::Mutex<VecDeque<Arc<Offer>>>>;
-const OFFERS_KEPT: usize = 2;
+const OFFERS_KEPT: usize = 4;
+/// An older snapshot served within this long is kept.
+const OFFER_PINNED_FOR: Duration = Duration::from_secs(10);
 
 /// A message waiting for the batches its payload names.
 struct Held<M> {
@@ -675,6 +680,9 @@ where
             return;
         }
         window.1 += end - start;
+        if let Ok(mut at) = offer.served_at.lock() {
+            *at = Some(now);
+        }
         let chunk = SnapshotChunk {
             height: offer.info.height,
             digest: offer.info.digest,
@@ -1191,10 +1199,31 @@ impl SnapshotWriter {
             };
             if let Ok(mut offers) = offer.lock() {
                 offers.retain(|o| o.info.height < info.height);
-                offers.push_back(Arc::new(Offer { info, state: snapshot.state, anchor }));
-                while offers.len() > OFFERS_KEPT {
-                    offers.pop_front();
+                let now = Instant::now();
+                let newest = offers.len().saturating_sub(1);
+                let pinned = |o: &Offer| {
+                    o.served_at
+                        .lock()
+                        .ok()
+                        .and_then(|at| *at)
+                        .is_some_and(|at| now.duration_since(at) < OFFER_PINNED_FOR)
+                };
+                let mut kept: VecDeque<Arc<Offer>> = offers
+                    .drain(..)
+                    .enumerate()
+                    .filter(|(i, o)| *i == newest || pinned(o))
+                    .map(|(_, o)| o)
+                    .collect();
+                kept.push_back(Arc::new(Offer {
+                    info,
+                    state: snapshot.state,
+                    anchor,
+                    served_at: Default::default(),
+                }));
+                while kept.len() > OFFERS_KEPT {
+                    kept.pop_front();
                 }
+                *offers = kept;
             }
         };
         let thread = std::thread::Builder::new()
