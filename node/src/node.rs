@@ -330,7 +330,6 @@ where
         &settings.key,
     )
     .await?;
-    let inbound = spawn_verifier(raw_inbound, committee, metrics.clone());
     let (client_endpoint, clients) =
         ClientEndpoint::bind(settings.network.clone(), settings.id, &settings.key, &settings.client_address)
             .await?;
@@ -375,6 +374,7 @@ where
         peers,
         rebuild,
     );
+    let inbound = spawn_verifier(raw_inbound, committee, metrics.clone(), runtime.transferring());
     let task = tokio::spawn(async move {
         let network = runtime.run(inbound, clients, shutdown_rx).await?;
         network.shutdown().await;

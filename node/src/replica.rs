@@ -16,6 +16,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bulwark_consensus::{
@@ -153,7 +154,7 @@ const OFFER_EVERY: Duration = Duration::from_secs(1);
 /// the transport's 8 MiB frame limit).
 const MAX_ANCHOR_BYTES: usize = 4 << 20;
 /// Snapshot chunks are not served to a peer whose send queue holds this many messages.
-const MAX_QUEUED_FOR_SERVING: usize = 16;
+const MAX_QUEUED_FOR_SERVING: usize = 64;
 /// Bytes of batches served to one peer per second (fetches are answered, not floods).
 const SERVE_BYTES_PER_SECOND: usize = 64 << 20;
 /// Client ids with a reply session, at most; sessions per client id, at most.
@@ -263,6 +264,8 @@ pub struct Runtime<P: Protocol, A: StateMachine> {
     snapshot_served: HashMap<ReplicaId, (Instant, usize)>,
     /// When each peer's query for our offer was last answered.
     offer_answered: HashMap<ReplicaId, Instant>,
+    /// Set while a snapshot is being fetched (read by the verifier thread).
+    transferring: Arc<AtomicBool>,
 }
 
 /// Why the runtime stopped.
@@ -335,7 +338,13 @@ where
             offer_sent: Instant::now(),
             snapshot_served: HashMap::new(),
             offer_answered: HashMap::new(),
+            transferring: Arc::default(),
         }
+    }
+
+    /// The flag [`spawn_verifier`] reads: set while a snapshot is being fetched.
+    pub fn transferring(&self) -> Arc<AtomicBool> {
+        self.transferring.clone()
     }
 
     fn now(&self) -> Time {
@@ -547,15 +556,20 @@ where
         {
             writer.submit(Box::new(self.executor.snapshot()));
         }
+        self.report_executed(outcome.height, outcome.state_digest);
+        Ok(Some(Input::Executed { height: outcome.height, state_digest: outcome.state_digest }))
+    }
+
+    /// Shows `(height, state_digest)` as the executed state in the status.
+    fn report_executed(&self, height: Height, state_digest: Digest) {
         self.status.send_modify(|s| {
-            s.height = outcome.height;
-            s.state_digest = outcome.state_digest;
-            s.recent_digests.push_back((outcome.height, outcome.state_digest));
+            s.height = height;
+            s.state_digest = state_digest;
+            s.recent_digests.push_back((height, state_digest));
             if s.recent_digests.len() > RECENT_DIGESTS {
                 s.recent_digests.pop_front();
             }
         });
-        Ok(Some(Input::Executed { height: outcome.height, state_digest: outcome.state_digest }))
     }
 
     /// The transactions of a batch a committed block (at `height`) names: from the
@@ -733,17 +747,11 @@ where
         self.core = tokio::task::block_in_place(|| (self.rebuild.build)(&self.store, &self.executor))?;
         self.pending_chain.clear();
         self.payload_wanted = None;
+        self.transferring.store(false, Ordering::Relaxed);
         self.metrics.snapshots.get_or_create(&label("event", "transfer_installed")).inc();
         self.metrics.height.set(info.height.0 as i64);
         tracing::info!(height = %info.height, state_digest = %info.state_digest, bytes = info.size, "installed a snapshot from peers");
-        self.status.send_modify(|s| {
-            s.height = info.height;
-            s.state_digest = info.state_digest;
-            s.recent_digests.push_back((info.height, info.state_digest));
-            if s.recent_digests.len() > RECENT_DIGESTS {
-                s.recent_digests.pop_front();
-            }
-        });
+        self.report_executed(info.height, info.state_digest);
         self.step(Input::Start)
     }
 
@@ -922,6 +930,7 @@ where
             tracing::info!(height = %info.height, executed = %self.executor.height(), bytes = info.size, "far behind: fetching a snapshot that f + 1 peers offer");
         }
         self.send_snapshot_fetches(fetches);
+        self.transferring.store(self.transfer.in_progress().is_some(), Ordering::Relaxed);
     }
 
     /// Sends the batches sealed since the last call to every peer.
@@ -1285,10 +1294,16 @@ fn request_header((client, sequence): (u64, u64)) -> Request {
 /// Verifies replica messages on a thread of its own (signatures, batch digests and
 /// decoding never run on the core's task). Messages that fail are counted by reason
 /// and dropped.
+///
+/// While `transferring` is set (a snapshot is being fetched; see
+/// [`Runtime::transferring`]) consensus messages are dropped unverified: the runtime
+/// would drop them anyway, and verifying them would delay the snapshot's chunks queued
+/// behind them.
 pub fn spawn_verifier<M>(
     mut raw: mpsc::Receiver<(ReplicaId, PeerMessage<M>)>,
     committee: Arc<Committee>,
     metrics: Arc<Metrics>,
+    transferring: Arc<AtomicBool>,
 ) -> mpsc::Receiver<Inbound<M>>
 where
     M: WireMessage,
@@ -1300,6 +1315,10 @@ where
         .spawn(move || {
             while let Some((from, msg)) = raw.blocking_recv() {
                 let inbound = match msg {
+                    PeerMessage::Consensus(_) if transferring.load(Ordering::Relaxed) => {
+                        refuse("dropped_in_state_transfer");
+                        continue;
+                    }
                     PeerMessage::Consensus(msg) => match Verified::check(msg, &committee) {
                         Ok(verified) => Inbound::Message(from, verified),
                         Err(e) => {
