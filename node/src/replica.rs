@@ -196,7 +196,7 @@ pub struct CoreRebuild<P, A: StateMachine> {
     pub build: Box<dyn Fn(&Store, &Executor<A>) -> Result<P, StorageError> + Send>,
 }
 
-/// The snapshot this replica serves to lagging peers: its latest durable one.
+/// A durable snapshot this replica serves to lagging peers.
 struct Offer {
     info: SnapshotInfo,
     state: Vec<u8>,
@@ -620,7 +620,7 @@ where
                 let now = Instant::now();
                 let last = self.offer_answered.insert(from, now);
                 if last.is_none_or(|at| now.duration_since(at) >= OFFER_EVERY) {
-                    let offer = self.offer.lock().ok().and_then(|offers| offers.back().map(|o| o.info));
+                    let offer = self.latest_offer();
                     if let Some(info) = offer {
                         let _ = self.network.send(from, &PeerMessage::SnapshotOffer(info));
                     }
@@ -652,6 +652,11 @@ where
                 }
             }
         }
+    }
+
+    /// The newest snapshot this replica offers.
+    fn latest_offer(&self) -> Option<SnapshotInfo> {
+        self.offer.lock().ok().and_then(|offers| offers.back().map(|o| o.info))
     }
 
     fn send_snapshot_fetches(&mut self, fetches: Vec<Fetch>) {
@@ -916,7 +921,7 @@ where
     fn maintain_state_transfer(&mut self, now: Instant) {
         if now.duration_since(self.offer_sent) >= OFFER_EVERY {
             self.offer_sent = now;
-            let offer = self.offer.lock().ok().and_then(|offers| offers.back().map(|o| o.info));
+            let offer = self.latest_offer();
             if let Some(info) = offer {
                 let _ = self.network.broadcast(&PeerMessage::SnapshotOffer(info));
             }

@@ -380,14 +380,7 @@ async fn replica_far_behind_installs_a_snapshot(protocol: ProtocolKind) {
 }
 
 fn snapshot_events(cluster: &Cluster, i: usize) -> String {
-    let replica = cluster.replicas[i].as_ref().expect("running");
-    replica
-        .metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("bulwark_snapshots_total"))
-        .collect::<Vec<_>>()
-        .join(", ")
+    metric_lines(cluster.replicas[i].as_ref().expect("running"), "bulwark_snapshots_total")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -532,12 +525,11 @@ async fn ledger_transfers_from_concurrent_clients_conserve_supply() {
 }
 
 /// A replica's batch counters, for the log of a test.
-fn batch_events(replica: &bulwark_node::node::RunningReplica) -> String {
-    replica
-        .metrics
-        .render()
-        .lines()
-        .filter(|l| l.starts_with("bulwark_batches_total"))
-        .collect::<Vec<_>>()
-        .join(", ")
+fn batch_events(replica: &RunningReplica) -> String {
+    metric_lines(replica, "bulwark_batches_total")
+}
+
+/// A replica's metric lines of one family, joined (for logs and assertions).
+fn metric_lines(replica: &RunningReplica, family: &str) -> String {
+    replica.metrics.render().lines().filter(|l| l.starts_with(family)).collect::<Vec<_>>().join(", ")
 }
