@@ -32,17 +32,39 @@ pub struct BenchReport {
     pub cpu_us_per_tx: Option<f64>,
     /// CPU seconds the load generator (this process) used.
     pub load_generator_cpu_seconds: f64,
+    /// Per second of the run (by submit time): what committed and how long it took.
+    /// Shows stalls (a snapshot, a view change) that the percentiles only hint at.
+    pub timeline: Vec<Second>,
+}
+
+/// The transactions submitted in one second of a run.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Second {
+    /// Seconds since the load started.
+    pub t: u64,
+    pub committed: u64,
+    pub latency_ms_mean: f64,
+    pub latency_ms_max: f64,
+}
+
+/// What [`run`] measured, before it is summarized.
+pub struct Measured {
+    pub submitted: u64,
+    pub rejected: u64,
+    /// Submit → f+1 replies, µs, one per committed transaction.
+    pub latencies_us: Vec<u64>,
+    pub duration_s: f64,
+    pub timeline: Vec<Second>,
 }
 
 struct ClientLoad {
     submitted: u64,
     rejected: u64,
     latencies_us: Vec<u64>,
+    /// Per second of submit time: (committed, latency sum µs, latency max µs).
+    seconds: Vec<(u64, u64, u64)>,
 }
 
-/// Drives `rate` transactions/s of `tx_size`-byte KV puts for `duration` through
-/// `clients` pipelined clients; `tick` is called about once a second with
-/// (elapsed, committed so far).
 /// The load a benchmark offers.
 #[derive(Clone, Copy, Debug)]
 pub struct Load {
@@ -58,12 +80,14 @@ pub struct Load {
     pub keys: Option<u64>,
 }
 
+/// Drives `load` through pipelined clients; `tick` is called about once a second with
+/// (elapsed, committed so far).
 pub async fn run(
     committee: &Committee,
     endpoints: &[(ReplicaId, SocketAddr)],
     load: Load,
     tick: impl Fn(Duration, u64) + Send + Sync + 'static,
-) -> anyhow::Result<(u64, u64, u64, Vec<u64>, f64)> {
+) -> anyhow::Result<Measured> {
     let Load { rate, tx_size, duration, clients, keys } = load;
     let clients = clients.max(1);
     let committed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
@@ -78,7 +102,7 @@ pub async fn run(
         let per_client = rate as f64 / clients as f64;
         let committed = committed.clone();
         tasks.push(tokio::spawn(async move {
-            let mut load = ClientLoad { submitted: 0, rejected: 0, latencies_us: Vec::new() };
+            let mut load = ClientLoad { submitted: 0, rejected: 0, latencies_us: Vec::new(), seconds: Vec::new() };
             let mut sent_at = std::collections::HashMap::new();
             let mut interval = tokio::time::interval(Duration::from_millis(5));
             let mut owed = 0.0;
@@ -110,7 +134,16 @@ pub async fn run(
                     result = client.next_certified() => match result {
                         Ok(Ok(certified)) => {
                             if let Some(at) = sent_at.remove(&certified.sequence) {
-                                load.latencies_us.push(at.elapsed().as_micros() as u64);
+                                let latency = at.elapsed().as_micros() as u64;
+                                load.latencies_us.push(latency);
+                                let second = at.duration_since(started).as_secs() as usize;
+                                if load.seconds.len() <= second {
+                                    load.seconds.resize(second + 1, (0, 0, 0));
+                                }
+                                let (n, sum, max) = &mut load.seconds[second];
+                                *n += 1;
+                                *sum += latency;
+                                *max = (*max).max(latency);
                                 committed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             }
                         }
@@ -134,16 +167,37 @@ pub async fn run(
     let mut submitted = 0;
     let mut rejected = 0;
     let mut latencies = Vec::new();
+    let mut seconds: Vec<(u64, u64, u64)> = Vec::new();
     for task in tasks {
         let load = task.await?;
         submitted += load.submitted;
         rejected += load.rejected;
         latencies.extend(load.latencies_us);
+        if seconds.len() < load.seconds.len() {
+            seconds.resize(load.seconds.len(), (0, 0, 0));
+        }
+        for (total, (n, sum, max)) in seconds.iter_mut().zip(load.seconds) {
+            *total = (total.0 + n, total.1 + sum, total.2.max(max));
+        }
     }
     progress.abort();
-    let elapsed = duration.as_secs_f64();
-    let done = latencies.len() as u64;
-    Ok((submitted, done, rejected, latencies, elapsed))
+    let timeline = seconds
+        .into_iter()
+        .enumerate()
+        .map(|(t, (n, sum, max))| Second {
+            t: t as u64,
+            committed: n,
+            latency_ms_mean: if n == 0 { 0.0 } else { sum as f64 / n as f64 / 1000.0 },
+            latency_ms_max: max as f64 / 1000.0,
+        })
+        .collect();
+    Ok(Measured {
+        submitted,
+        rejected,
+        latencies_us: latencies,
+        duration_s: duration.as_secs_f64(),
+        timeline,
+    })
 }
 
 /// Summarizes latencies (µs) into a report.
@@ -151,11 +205,12 @@ pub fn report(
     nodes: usize,
     tx_size: usize,
     rate: u64,
-    measured: (u64, u64, u64, Vec<u64>, f64),
+    measured: Measured,
     cpu_seconds_per_node: Vec<f64>,
     load_generator_cpu_seconds: f64,
 ) -> BenchReport {
-    let (submitted, committed, rejected, mut latencies, duration_s) = measured;
+    let Measured { submitted, rejected, latencies_us: mut latencies, duration_s, timeline } = measured;
+    let committed = latencies.len() as u64;
     latencies.sort_unstable();
     let pick = |q: f64| -> f64 {
         if latencies.is_empty() {
@@ -186,6 +241,7 @@ pub fn report(
         cpu_us_per_tx: (committed > 0 && cpu_total > 0.0).then(|| cpu_total * 1e6 / committed as f64),
         cpu_seconds_per_node,
         load_generator_cpu_seconds,
+        timeline,
     }
 }
 

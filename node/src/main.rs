@@ -666,6 +666,14 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             report.cpu_us_per_tx.map(|c| format!("{c:.0}")).unwrap_or("-".into()),
             report.load_generator_cpu_seconds
         );
+        if let Some(worst) =
+            report.timeline.iter().max_by(|a, b| a.latency_ms_mean.total_cmp(&b.latency_ms_mean))
+        {
+            println!(
+                "slowest second (by submit time): {} s in, mean {:.1} ms, max {:.1} ms (per second: \"timeline\" in the JSON)",
+                worst.t, worst.latency_ms_mean, worst.latency_ms_max
+            );
+        }
     }
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
