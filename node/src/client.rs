@@ -11,7 +11,7 @@
 //! committee is not fed retries of requests that are merely slow.
 //! Sessions execute a request once, however many replicas ordered it.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -50,9 +50,12 @@ pub struct Client {
     next_sequence: u64,
     needed: usize,
     senders: BTreeMap<ReplicaId, mpsc::Sender<Request>>,
-    replies: mpsc::Receiver<Reply>,
-    /// Replies so far per sequence: (height, outcome) -> replicas.
-    tally: HashMap<u64, BTreeMap<(Height, Outcome), BTreeSet<ReplicaId>>>,
+    /// Replies arrive a frame at a time (up to 32 per frame, from one replica).
+    replies: mpsc::Receiver<Vec<Reply>>,
+    /// Replies received and not looked at yet.
+    inbox: VecDeque<Reply>,
+    /// Replies so far per sequence, one entry per distinct (height, outcome).
+    tally: HashMap<u64, Vec<Tally>>,
     /// The replica requests go to first.
     home: Option<ReplicaId>,
     /// Submitted requests not certified yet. Replies for any other sequence are ignored.
@@ -67,6 +70,17 @@ pub struct Client {
     /// When a request sent to the current home was last certified (or the home chosen).
     home_progress: tokio::time::Instant,
 }
+
+/// The replicas that reported one (height, outcome) for a request.
+struct Tally {
+    height: Height,
+    outcome: Outcome,
+    replicas: Vec<ReplicaId>,
+}
+
+/// Distinct outcomes tallied per request, per committee member: replies beyond that
+/// (a Byzantine replica inventing outcomes) are ignored.
+const OUTCOMES_PER_MEMBER: usize = 4;
 
 struct Outstanding {
     request: Request,
@@ -100,7 +114,7 @@ impl Client {
             Some(k) => client_id_of(&k.public()),
             None => crate::wire::keyless_client_id(),
         };
-        let (reply_tx, replies) = mpsc::channel(65_536);
+        let (reply_tx, replies) = mpsc::channel::<Vec<Reply>>(4096);
         let mut senders = BTreeMap::new();
         for (replica, address) in endpoints {
             let Ok(mut connection) = ClientConnection::<Request, Replies>::connect(
@@ -126,12 +140,13 @@ impl Client {
                             queued.clear();
                         }
                         replies = connection.recv() => match replies {
-                            Ok(replies) => for reply in replies {
+                            Ok(mut replies) => {
                                 // A replica can only speak for itself.
-                                if reply.replica == replica {
-                                    let _ = reply_tx.send(reply).await;
+                                replies.retain(|reply| reply.replica == replica);
+                                if !replies.is_empty() {
+                                    let _ = reply_tx.send(replies).await;
                                 }
-                            },
+                            }
                             Err(_) => break,
                         },
                     }
@@ -156,6 +171,7 @@ impl Client {
             needed,
             senders,
             replies,
+            inbox: VecDeque::new(),
             tally: HashMap::new(),
             home,
             outstanding: HashMap::new(),
@@ -288,21 +304,49 @@ impl Client {
         }
     }
 
+    /// A reply already received, without waiting.
+    fn try_reply(&mut self) -> Option<Reply> {
+        loop {
+            if let Some(reply) = self.inbox.pop_front() {
+                return Some(reply);
+            }
+            self.inbox.extend(self.replies.try_recv().ok()?);
+        }
+    }
+
+    /// The next reply; `None` once every connection is gone. Cancel-safe.
+    async fn recv_reply(&mut self) -> Option<Reply> {
+        loop {
+            if let Some(reply) = self.try_reply() {
+                return Some(reply);
+            }
+            let frame = self.replies.recv().await?;
+            self.inbox.extend(frame);
+        }
+    }
+
     /// The next reply from any replica, retrying what is due meanwhile.
     async fn next_reply(&mut self, deadline: tokio::time::Instant) -> Result<Reply, ClientError> {
         loop {
             self.resend_due().await;
-            let retry_at = self.next_retry(tokio::time::Instant::now());
-            let retry = async {
-                match retry_at {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => std::future::pending().await,
+            // Under load a reply is usually waiting: no timers to arm then.
+            let reply = match self.try_reply() {
+                Some(reply) => reply,
+                None => {
+                    let retry_at = self.next_retry(tokio::time::Instant::now());
+                    let retry = async {
+                        match retry_at {
+                            Some(at) => tokio::time::sleep_until(at).await,
+                            None => std::future::pending().await,
+                        }
+                    };
+                    let needed = self.needed;
+                    tokio::select! {
+                        reply = self.recv_reply() => reply.ok_or(ClientError::NotEnoughReplicas { connected: 0, needed })?,
+                        _ = retry => continue,
+                        _ = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout(self.timeout)),
+                    }
                 }
-            };
-            let reply = tokio::select! {
-                reply = self.replies.recv() => reply.ok_or(ClientError::NotEnoughReplicas { connected: 0, needed: self.needed })?,
-                _ = retry => continue,
-                _ = tokio::time::sleep_until(deadline) => return Err(ClientError::Timeout(self.timeout)),
             };
             // A rejection from the home replica alone cannot be certified: ask everyone
             // (another replica may accept, or f+1 confirm the rejection).
@@ -339,13 +383,24 @@ impl Client {
         }
         // Rejections may differ in the height they report: match on the outcome only.
         let height = if matches!(reply.outcome, Outcome::Rejected(_)) { Height(0) } else { reply.height };
-        let entry = self.tally.entry(reply.sequence).or_default();
-        let voters = entry.entry((height, reply.outcome.clone())).or_default();
-        voters.insert(reply.replica);
-        if voters.len() < self.needed {
+        let entries = self.tally.entry(reply.sequence).or_default();
+        let index = match entries.iter().position(|t| t.height == height && t.outcome == reply.outcome) {
+            Some(index) => index,
+            None if entries.len() < OUTCOMES_PER_MEMBER * self.senders.len() => {
+                entries.push(Tally { height, outcome: reply.outcome, replicas: Vec::new() });
+                entries.len() - 1
+            }
+            None => return None,
+        };
+        let tally = &mut entries[index];
+        if !tally.replicas.contains(&reply.replica) {
+            tally.replicas.push(reply.replica);
+        }
+        if tally.replicas.len() < self.needed {
             return None;
         }
-        let replicas: Vec<ReplicaId> = voters.iter().copied().collect();
+        let Tally { outcome, mut replicas, .. } = entries.swap_remove(index);
+        replicas.sort_unstable();
         self.tally.remove(&reply.sequence);
         if let Some(done) = self.outstanding.remove(&reply.sequence) {
             let sample = done.submitted.elapsed().as_secs_f64();
@@ -354,7 +409,7 @@ impl Client {
                 self.home_progress = tokio::time::Instant::now();
             }
         }
-        Some(match reply.outcome {
+        Some(match outcome {
             Outcome::Executed(result) => Ok(Certified { sequence: reply.sequence, height, result, replicas }),
             Outcome::Rejected(rejection) => Err(rejection),
             Outcome::Read(_) => return None,
@@ -398,7 +453,7 @@ impl Client {
         let _ = sender.send(request).await;
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
-            let reply = tokio::time::timeout_at(deadline, self.replies.recv())
+            let reply = tokio::time::timeout_at(deadline, self.recv_reply())
                 .await
                 .map_err(|_| ClientError::Timeout(self.timeout))?
                 .ok_or(ClientError::UnknownReplica(replica))?;
