@@ -278,6 +278,9 @@ pub enum StreamRole {
     Client,
 }
 
+/// The RTT assumed before the first sample (see [`transport_config`]).
+const INITIAL_RTT: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// QUIC transport parameters from the configuration.
 pub fn transport_config(
     config: &NetworkConfig,
@@ -297,6 +300,13 @@ pub fn transport_config(
         .max_idle_timeout(Some(
             quinn::IdleTimeout::try_from(config.idle_timeout).map_err(|_| invalid("idle_timeout"))?,
         ))
+        // Before the first RTT sample, loss detection assumes this RTT. quinn's default
+        // (333 ms) put the first retransmission of a handshake packet ~1 s out, so a
+        // replica dialing a peer whose socket was not bound yet (a committee starting
+        // together) connected ~1 s late, its first proposal missed the first round's
+        // timeout and every fresh committee began with a view change. A spurious early
+        // retransmission on a long path costs one small packet.
+        .initial_rtt(INITIAL_RTT)
         .stream_receive_window(
             quinn::VarInt::from_u64(config.stream_receive_window)
                 .map_err(|_| invalid("stream_receive_window"))?,

@@ -177,7 +177,10 @@ impl Store {
         if records.is_empty() && batches.is_empty() {
             return Ok(());
         }
-        let mut batch = WriteBatch::default();
+        // Sized up front: a block's batches can be megabytes, and growing the write
+        // batch by doubling copied them again and faulted in fresh pages at each step.
+        let capacity = batches.iter().map(|(_, bytes)| bytes.len() + 64).sum::<usize>() + 4096;
+        let mut batch = WriteBatch::with_capacity_bytes(capacity);
         for (digest, bytes) in batches {
             batch.put_cf(self.cf("batches")?, digest.as_bytes(), bytes);
         }
