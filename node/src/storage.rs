@@ -79,6 +79,14 @@ impl Store {
         // Memory flat from the start: all memtables together stay under one budget
         // (RocksDB's default lets each column family grow two 64 MiB memtables).
         options.set_db_write_buffer_size(MEMTABLE_BUDGET);
+        // Flushes and compactions (and the snapshot flush) run at the lowest CPU
+        // priority: on a busy machine they wait for idle CPU instead of delaying the
+        // consensus path, which all replicas feel at once at a snapshot height.
+        let mut env = rocksdb::Env::new()
+            .map_err(|e| StorageError::Open { path: path.to_path_buf(), reason: e.to_string() })?;
+        env.lower_thread_pool_cpu_priority();
+        env.lower_high_priority_thread_pool_cpu_priority();
+        options.set_env(&env);
         let cfs = CFS.iter().map(|name| {
             let mut cf = Options::default();
             cf.set_write_buffer_size(MEMTABLE_BUDGET / 4);
