@@ -78,8 +78,10 @@ struct Tally {
     replicas: Vec<ReplicaId>,
 }
 
-/// Distinct outcomes tallied per request, per committee member: replies beyond that
-/// (a Byzantine replica inventing outcomes) are ignored.
+/// Distinct outcomes one replica may report for one request (an honest one reports
+/// one, or a rejection and later the result); further ones from it (a Byzantine replica
+/// inventing outcomes) are ignored, so a request's tally stays bounded and no replica
+/// can crowd out the others' replies.
 const OUTCOMES_PER_MEMBER: usize = 4;
 
 struct Outstanding {
@@ -384,18 +386,19 @@ impl Client {
         // Rejections may differ in the height they report: match on the outcome only.
         let height = if matches!(reply.outcome, Outcome::Rejected(_)) { Height(0) } else { reply.height };
         let entries = self.tally.entry(reply.sequence).or_default();
-        let index = match entries.iter().position(|t| t.height == height && t.outcome == reply.outcome) {
-            Some(index) => index,
-            None if entries.len() < OUTCOMES_PER_MEMBER * self.senders.len() => {
-                entries.push(Tally { height, outcome: reply.outcome, replicas: Vec::new() });
-                entries.len() - 1
-            }
-            None => return None,
-        };
-        let tally = &mut entries[index];
-        if !tally.replicas.contains(&reply.replica) {
-            tally.replicas.push(reply.replica);
+        let index = entries.iter().position(|t| t.height == height && t.outcome == reply.outcome);
+        if index.is_some_and(|i| entries[i].replicas.contains(&reply.replica)) {
+            return None;
         }
+        if entries.iter().filter(|t| t.replicas.contains(&reply.replica)).count() >= OUTCOMES_PER_MEMBER {
+            return None;
+        }
+        let index = index.unwrap_or_else(|| {
+            entries.push(Tally { height, outcome: reply.outcome, replicas: Vec::new() });
+            entries.len() - 1
+        });
+        let tally = &mut entries[index];
+        tally.replicas.push(reply.replica);
         if tally.replicas.len() < self.needed {
             return None;
         }
@@ -465,5 +468,66 @@ impl Client {
                 };
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A client of a 4-member committee (f + 1 = 2) with request 1 outstanding, and no
+    /// connections.
+    fn client() -> Client {
+        let (_, replies) = mpsc::channel(1);
+        let senders = (0..4).map(|i| (ReplicaId(i), mpsc::channel(1).0)).collect();
+        let request = Request { client: 7, sequence: 1, kind: RequestKind::Ordered, op: vec![1] };
+        let now = tokio::time::Instant::now();
+        let outstanding = Outstanding { request, submitted: now, sent_home: None, stage: Stage::Home };
+        Client {
+            id: 7,
+            next_sequence: 2,
+            needed: 2,
+            senders,
+            replies,
+            inbox: VecDeque::new(),
+            tally: HashMap::new(),
+            home: None,
+            outstanding: HashMap::from([(1, outstanding)]),
+            retry_queue: VecDeque::new(),
+            timeout: Duration::from_secs(10),
+            retry_after: Duration::from_secs(1),
+            latency_average: 0.0,
+            home_progress: now,
+        }
+    }
+
+    fn reply(replica: u16, result: &[u8]) -> Reply {
+        Reply {
+            client: 7,
+            sequence: 1,
+            replica: ReplicaId(replica),
+            height: Height(5),
+            outcome: Outcome::Executed(result.to_vec()),
+        }
+    }
+
+    #[test]
+    fn a_replica_inventing_outcomes_neither_certifies_nor_crowds_out_the_others() {
+        let mut client = client();
+        // Replica 3 sends 1,000 different results, and repeats one of them.
+        for i in 0..1000u32 {
+            assert!(client.count(reply(3, &i.to_le_bytes())).is_none());
+        }
+        assert!(client.count(reply(3, &0u32.to_le_bytes())).is_none(), "one replica is not f + 1");
+        let tallied: usize = client.tally[&1].len();
+        assert_eq!(tallied, OUTCOMES_PER_MEMBER, "its outcomes beyond the bound are ignored");
+        // Two honest replicas agree: certified, with exactly them as the replicas.
+        assert!(client.count(reply(0, b"ok")).is_none());
+        let certified = client.count(reply(1, b"ok")).expect("f + 1 matching replies").expect("executed");
+        assert_eq!(certified.result, b"ok");
+        assert_eq!(certified.replicas, vec![ReplicaId(0), ReplicaId(1)]);
+        // Certified once: later replies for it are ignored.
+        assert!(client.count(reply(2, b"ok")).is_none());
+        assert!(client.tally.is_empty());
     }
 }
