@@ -50,7 +50,7 @@ pub struct Client {
     next_sequence: u64,
     needed: usize,
     senders: BTreeMap<ReplicaId, mpsc::Sender<Request>>,
-    /// Replies arrive a frame at a time (up to 32 per frame, from one replica).
+    /// Replies arrive a frame at a time (each frame from one replica).
     replies: mpsc::Receiver<Vec<Reply>>,
     /// Replies received and not looked at yet.
     inbox: VecDeque<Reply>,
@@ -330,10 +330,20 @@ impl Client {
     /// The next reply from any replica, retrying what is due meanwhile.
     async fn next_reply(&mut self, deadline: tokio::time::Instant) -> Result<Reply, ClientError> {
         loop {
+            // Checked here too: replies that keep arriving (a Byzantine replica streaming
+            // replies this client ignores) must not keep the timeout from firing.
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Timeout(self.timeout));
+            }
             self.resend_due().await;
-            // Under load a reply is usually waiting: no timers to arm then.
+            // Under load a reply is usually waiting: no timers to arm then. Taking it
+            // still counts against the task's budget, so a stream of replies yields to
+            // the runtime like a channel receive would.
             let reply = match self.try_reply() {
-                Some(reply) => reply,
+                Some(reply) => {
+                    tokio::task::coop::consume_budget().await;
+                    reply
+                }
                 None => {
                     let retry_at = self.next_retry(tokio::time::Instant::now());
                     let retry = async {
@@ -456,6 +466,10 @@ impl Client {
         let _ = sender.send(request).await;
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ClientError::Timeout(self.timeout));
+            }
+            tokio::task::coop::consume_budget().await;
             let reply = tokio::time::timeout_at(deadline, self.recv_reply())
                 .await
                 .map_err(|_| ClientError::Timeout(self.timeout))?
@@ -529,5 +543,15 @@ mod tests {
         // Certified once: later replies for it are ignored.
         assert!(client.count(reply(2, b"ok")).is_none());
         assert!(client.tally.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_stream_of_ignored_replies_does_not_hold_off_the_timeout() {
+        let mut client = client();
+        client.timeout = Duration::ZERO;
+        // Replies for a request this client never sent: each is ignored.
+        client.inbox = (0..10_000).map(|_| Reply { sequence: 99, ..reply(3, b"x") }).collect();
+        let result = client.next_certified().await;
+        assert!(matches!(result, Err(ClientError::Timeout(_))), "{result:?}");
     }
 }

@@ -318,11 +318,13 @@ impl Store {
         self.get_limited("snapshot", b"latest", crate::app::MAX_SNAPSHOT_BYTES + 4096)
     }
 
-    /// Approximate bytes on disk (SST files), for metrics.
+    /// Approximate bytes on disk (table and blob files), for metrics.
     pub fn size_bytes(&self) -> u64 {
+        let files = ["rocksdb.total-sst-files-size", "rocksdb.total-blob-file-size"];
         CFS.iter()
             .filter_map(|name| self.db.cf_handle(name))
-            .filter_map(|cf| self.db.property_int_value_cf(cf, "rocksdb.total-sst-files-size").ok().flatten())
+            .flat_map(|cf| files.map(|property| (cf, property)))
+            .filter_map(|(cf, property)| self.db.property_int_value_cf(cf, property).ok().flatten())
             .sum()
     }
 }
