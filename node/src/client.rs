@@ -165,9 +165,19 @@ impl Client {
         for sender in senders.values() {
             let _ = sender.send(subscribe.clone()).await;
         }
+        Ok(Client::new(id, needed, senders, replies))
+    }
+
+    /// A client with nothing submitted yet; its home is picked by its id.
+    fn new(
+        id: u64,
+        needed: usize,
+        senders: BTreeMap<ReplicaId, mpsc::Sender<Request>>,
+        replies: mpsc::Receiver<Vec<Reply>>,
+    ) -> Client {
         let replicas: Vec<ReplicaId> = senders.keys().copied().collect();
-        let home = replicas.get((id % replicas.len() as u64) as usize).copied();
-        Ok(Client {
+        let home = replicas.get((id % replicas.len().max(1) as u64) as usize).copied();
+        Client {
             id,
             next_sequence: 1,
             needed,
@@ -182,7 +192,7 @@ impl Client {
             retry_after: Duration::from_secs(1),
             latency_average: 0.0,
             home_progress: tokio::time::Instant::now(),
-        })
+        }
     }
 
     /// Sends requests to `replica` first (if this client is connected to it).
@@ -495,24 +505,16 @@ mod tests {
         let (_, replies) = mpsc::channel(1);
         let senders = (0..4).map(|i| (ReplicaId(i), mpsc::channel(1).0)).collect();
         let request = Request { client: 7, sequence: 1, kind: RequestKind::Ordered, op: vec![1] };
-        let now = tokio::time::Instant::now();
-        let outstanding = Outstanding { request, submitted: now, sent_home: None, stage: Stage::Home };
-        Client {
-            id: 7,
-            next_sequence: 2,
-            needed: 2,
-            senders,
-            replies,
-            inbox: VecDeque::new(),
-            tally: HashMap::new(),
-            home: None,
-            outstanding: HashMap::from([(1, outstanding)]),
-            retry_queue: VecDeque::new(),
-            timeout: Duration::from_secs(10),
-            retry_after: Duration::from_secs(1),
-            latency_average: 0.0,
-            home_progress: now,
-        }
+        let outstanding = Outstanding {
+            request,
+            submitted: tokio::time::Instant::now(),
+            sent_home: None,
+            stage: Stage::Home,
+        };
+        let mut client = Client::new(7, 2, senders, replies);
+        client.outstanding.insert(1, outstanding);
+        client.next_sequence = 2;
+        client
     }
 
     fn reply(replica: u16, result: &[u8]) -> Reply {

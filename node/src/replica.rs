@@ -442,7 +442,7 @@ where
                     && !batch.persisted
                     && seen.insert(*digest)
                 {
-                    new_batches.push(*digest);
+                    new_batches.push((*digest, batch.bytes.clone()));
                 }
             }
             if let (Some((digest, parent)), Some(height)) = (record.chain_link(), record.height())
@@ -451,12 +451,10 @@ where
                 self.pending_chain.insert(digest, (parent, height, batches));
             }
         }
-        let refs: Vec<(Digest, &[u8])> = new_batches
-            .iter()
-            .filter_map(|digest| Some((*digest, self.mempool.batch(digest)?.bytes.as_slice())))
-            .collect();
+        // Shared buffers (`Arc`): nothing is copied until the store's write batch.
+        let refs: Vec<(Digest, &[u8])> = new_batches.iter().map(|(d, b)| (*d, b.as_slice())).collect();
         tokio::task::block_in_place(|| self.store.persist_with_batches(&actions.persist, &refs))?;
-        for digest in &new_batches {
+        for (digest, _) in &new_batches {
             self.mempool.mark_persisted(digest);
         }
         // 2. Send.
