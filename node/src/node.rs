@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use bulwark_consensus::byzantine::{Behaviours, Byzantine, Forgeable, Forger};
-use bulwark_consensus::hotstuff::{Block, Config, ExecutionClaim, HotStuff, Record, Recovery, TimeoutPolicy};
+use bulwark_consensus::hotstuff::{
+    Block, Config, ExecutionClaim, HotStuff, LeaderReputation, Record, Recovery, TimeoutPolicy,
+};
 use bulwark_consensus::{Protocol, ProtocolKind, StoredRecord, pbft};
 use bulwark_crypto::{Committee, KeyPair, ReplicaId};
 use bulwark_network::{ClientEndpoint, NetworkConfig, NetworkError, ReplicaNetwork};
@@ -176,6 +178,21 @@ fn recover_hotstuff<A: StateMachine>(
             _ => None,
         })
         .collect();
+    // The committed chain ending at the root seeds the leader election.
+    let mut committed: Vec<Block> = if executor.height().0 > 0 {
+        let wanted = LeaderReputation::history_wanted(&settings.committee);
+        store
+            .chain_ending_at::<Record>(executor.last_block(), wanted)?
+            .into_iter()
+            .filter_map(|r| match r {
+                Record::Block(b) => Some(b),
+                Record::Safety(_) => None,
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    committed.reverse();
     let root = if executor.height().0 > 0 {
         match store.chain_record::<Record>(&executor.last_block())? {
             Some(Record::Block(b)) => Some(b),
@@ -202,6 +219,7 @@ fn recover_hotstuff<A: StateMachine>(
         root,
         executed: ExecutionClaim { height: executor.height(), state_digest: executor.state_digest() },
         blocks,
+        committed,
     };
     Ok(HotStuff::recover(cfg, recovery))
 }

@@ -8,7 +8,8 @@ use bulwark_crypto::{Committee, Digest, KeyPair, ReplicaId, Signed, codec};
 
 use super::aggregator::{ROUND_WINDOW, TimeoutAggregator, TimeoutOutcome, VoteAggregator, VoteOutcome};
 use super::block_tree::{BlockTree, InsertError};
-use super::pacemaker::{LeaderElection, Pacemaker, RoundRobin, TimeoutPolicy};
+use super::election::LeaderReputation;
+use super::pacemaker::{LeaderElection, Pacemaker, TimeoutPolicy};
 use super::safety::SafetyRules;
 use super::types::{
     Block, ExecutionClaim, MAX_PAYLOAD_BYTES, MAX_SYNC_BLOCKS, Message, Proposal, QuorumCert, Record,
@@ -47,6 +48,10 @@ pub struct Recovery {
     pub executed: ExecutionClaim,
     /// Stored blocks; those that do not extend `root` are ignored.
     pub blocks: Vec<Block>,
+    /// The committed chain ending at `root`, oldest first: the last
+    /// [`LeaderReputation::history_wanted`] blocks the store has (fewer after a
+    /// snapshot install). Seeds the leader election.
+    pub committed: Vec<Block>,
 }
 
 pub struct HotStuff {
@@ -104,15 +109,19 @@ impl HotStuff {
 
     /// A replica rebuilt from what it persisted and what the host executed.
     pub fn recover(cfg: Config, recovery: Recovery) -> HotStuff {
-        let leaders = Box::new(RoundRobin::new(&cfg.committee));
+        let from_genesis = recovery.root.as_ref().is_none_or(|root| root.height == Height(0));
+        let leaders = Box::new(LeaderReputation::new(&cfg.committee, from_genesis));
         HotStuff::with_leader_election(cfg, recovery, leaders)
     }
 
     pub fn with_leader_election(
         cfg: Config,
         recovery: Recovery,
-        leaders: Box<dyn LeaderElection>,
+        mut leaders: Box<dyn LeaderElection>,
     ) -> HotStuff {
+        for block in &recovery.committed {
+            leaders.committed(block);
+        }
         let genesis = Block::genesis(&cfg.committee);
         let root = recovery.root.unwrap_or(genesis);
         let safety = recovery.safety.unwrap_or_else(|| SafetyState {
@@ -278,6 +287,7 @@ impl HotStuff {
     /// Commits `digest` and its uncommitted ancestors, oldest first.
     fn commit_chain(&mut self, digest: &Digest) {
         for block in self.tree.commit(digest) {
+            self.leaders.committed(&block);
             let digest = block.digest();
             self.out.commit.push(CommittedBlock {
                 height: block.height,
@@ -342,7 +352,16 @@ impl HotStuff {
     fn on_proposal(&mut self, from: ReplicaId, proposal: Proposal) {
         let block = &proposal.block;
         if block.author != self.leader(block.round) {
-            return self.refuse(from, "proposer is not the round's leader");
+            // Its certificates were verified and hold whoever carries them: a replica
+            // whose election disagrees for a while still follows the chain.
+            let justify = block.justify.clone();
+            self.process_qc(&justify, from);
+            if let Some(tc) = &proposal.last_round_tc {
+                self.process_tc(tc);
+            }
+            if self.leaders.settled() {
+                return self.refuse(from, "proposer is not the round's leader");
+            }
         }
         let key = (block.round, block.author);
         match self.seen_proposals.get(&key) {
@@ -409,10 +428,11 @@ impl HotStuff {
         let next_leader = self.leader(round.next());
         if next_leader == self.cfg.id {
             self.on_vote(self.cfg.id, vote.into_inner());
-        } else if self.is_suspected(next_leader) {
+        } else if self.is_suspected(next_leader) || !self.leaders.settled() {
             // The next leader may be dead: every replica that suspects it forms this
             // round's QC itself, so the block is certified and only the dead leader's
-            // own round times out (not this one as well).
+            // own round times out (not this one as well). An unsettled replica may not
+            // know who leads next: its vote goes to all.
             let vote = vote.into_inner();
             self.send(Recipient::AllOthers, Message::Vote(vote.clone()));
             self.on_vote(self.cfg.id, vote);
@@ -424,7 +444,7 @@ impl HotStuff {
     fn on_vote(&mut self, from: ReplicaId, vote: Signed<VoteData>) {
         let round = vote.value.round;
         let next_leader = self.leader(round.next());
-        if next_leader != self.cfg.id && !self.is_suspected(next_leader) {
+        if next_leader != self.cfg.id && !self.is_suspected(next_leader) && self.leaders.settled() {
             return self.refuse(from, "vote sent to a replica that does not lead the next round");
         }
         if round.next() < self.round() || round.0 > self.round().0 + ROUND_WINDOW {

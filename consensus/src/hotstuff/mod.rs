@@ -3,6 +3,7 @@
 mod aggregator;
 mod block_tree;
 mod core;
+mod election;
 mod pacemaker;
 mod safety;
 mod types;
@@ -10,6 +11,7 @@ mod types;
 pub use aggregator::{ROUND_WINDOW, TimeoutAggregator, TimeoutOutcome, VoteAggregator, VoteOutcome};
 pub use block_tree::{BlockTree, InsertError};
 pub use core::{Config, HotStuff, Recovery};
+pub use election::{LAG as ELECTION_LAG, LeaderReputation};
 pub use pacemaker::{LeaderElection, Pacemaker, RoundRobin, TimeoutPolicy};
 pub use safety::{Refusal, SafetyRules};
 pub use types::*;

@@ -2,11 +2,21 @@
 
 use bulwark_crypto::{Committee, ReplicaId};
 
+use super::types::Block;
 use crate::protocol::{Round, Time};
 
-/// Who leads a round. Round-robin now; reputation-based election can replace it.
+/// Who leads a round: [`super::LeaderReputation`] in replicas, fixed schedules in tests.
 pub trait LeaderElection: Send + std::fmt::Debug {
     fn leader(&self, round: Round) -> ReplicaId;
+
+    /// A block was committed (called in chain order, oldest first).
+    fn committed(&mut self, _block: &Block) {}
+
+    /// Whether this replica knows enough history to elect what the others elect. An
+    /// unsettled replica accepts any proposer and sends its votes to every replica.
+    fn settled(&self) -> bool {
+        true
+    }
 }
 
 /// Leaders in committee id order, one round each.

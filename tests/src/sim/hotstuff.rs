@@ -1,11 +1,11 @@
 //! Runs the HotStuff core in the simulator, honest or wrapped in Byzantine behaviours.
 
 use bulwark_consensus::hotstuff::{
-    Block, Config, ExecutionClaim, HotStuff, LeaderElection, Message, Record, Recovery, RoundRobin,
-    TimeoutPolicy,
+    Block, Config, ExecutionClaim, HotStuff, LeaderElection, LeaderReputation, Message, Record, Recovery,
+    RoundRobin, TimeoutPolicy,
 };
 use bulwark_consensus::{Height, Protocol, Round};
-use bulwark_crypto::{Committee, ReplicaId};
+use bulwark_crypto::{Committee, Digest, ReplicaId};
 
 use super::{App, Harness, ReplicaSetup, SimKeys};
 
@@ -49,6 +49,21 @@ impl LeaderElection for ScenarioLeaders {
     }
 }
 
+/// The stored chain ending at `root`, oldest first, as much of it as the leader
+/// election wants (what the node reads from its store on restart).
+fn committed_chain(blocks: &[Block], root: Digest, committee: &Committee) -> Vec<Block> {
+    let by_digest: std::collections::BTreeMap<Digest, &Block> = blocks.iter().map(|b| (b.digest(), b)).collect();
+    let mut chain = Vec::new();
+    let mut cursor = root;
+    while chain.len() < LeaderReputation::history_wanted(committee) {
+        let Some(block) = by_digest.get(&cursor) else { break };
+        chain.push((*block).clone());
+        cursor = block.parent;
+    }
+    chain.reverse();
+    chain
+}
+
 impl Harness for HotStuffHarness {
     type P = Replica;
 
@@ -77,6 +92,7 @@ impl Harness for HotStuffHarness {
         }
         if app.height > Height(0) {
             recovery.root = recovery.blocks.iter().find(|b: &&Block| b.digest() == app.last_block).cloned();
+            recovery.committed = committed_chain(&recovery.blocks, app.last_block, &self.keys.committee);
         }
         let core = if setup.leaders.is_empty() {
             HotStuff::recover(cfg, recovery)
