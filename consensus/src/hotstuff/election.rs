@@ -169,7 +169,11 @@ mod tests {
             height: Height(height),
             parent: Digest::default(),
             justify: QuorumCert {
-                vote: VoteData { block: Digest::default(), round: Round(round - 1), height: Height(height - 1) },
+                vote: VoteData {
+                    block: Digest::default(),
+                    round: Round(round - 1),
+                    height: Height(height - 1),
+                },
                 signatures: QuorumSignatures::new(signatures),
             },
             author: ReplicaId(author),
@@ -180,7 +184,13 @@ mod tests {
 
     /// Commits rounds `from..to`, each led round-robin and signed by `voters`; rounds led
     /// by `dead` fail (no block).
-    fn run(e: &mut LeaderReputation, height: &mut u64, rounds: std::ops::Range<u64>, voters: &[u16], dead: Option<u16>) {
+    fn run(
+        e: &mut LeaderReputation,
+        height: &mut u64,
+        rounds: std::ops::Range<u64>,
+        voters: &[u16],
+        dead: Option<u16>,
+    ) {
         for round in rounds {
             let leader = e.leader(Round(round)).0;
             if Some(leader) == dead {

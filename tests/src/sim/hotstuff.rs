@@ -52,7 +52,8 @@ impl LeaderElection for ScenarioLeaders {
 /// The stored chain ending at `root`, oldest first, as much of it as the leader
 /// election wants (what the node reads from its store on restart).
 fn committed_chain(blocks: &[Block], root: Digest, committee: &Committee) -> Vec<Block> {
-    let by_digest: std::collections::BTreeMap<Digest, &Block> = blocks.iter().map(|b| (b.digest(), b)).collect();
+    let by_digest: std::collections::BTreeMap<Digest, &Block> =
+        blocks.iter().map(|b| (b.digest(), b)).collect();
     let mut chain = Vec::new();
     let mut cursor = root;
     while chain.len() < LeaderReputation::history_wanted(committee) {
