@@ -9,7 +9,7 @@ use bulwark_crypto::{Committee, Digest, KeyPair, ReplicaId, Signed, codec};
 use super::aggregator::{ROUND_WINDOW, TimeoutAggregator, TimeoutOutcome, VoteAggregator, VoteOutcome};
 use super::block_tree::{BlockTree, InsertError};
 use super::election::LeaderReputation;
-use super::pacemaker::{LeaderElection, Pacemaker, TimeoutPolicy};
+use super::pacemaker::{LeaderElection, Pacemaker, RoundTimer, TimeoutPolicy};
 use super::safety::SafetyRules;
 use super::types::{
     Block, ExecutionClaim, MAX_PAYLOAD_BYTES, MAX_SYNC_BLOCKS, Message, Proposal, QuorumCert, Record,
@@ -60,11 +60,14 @@ pub struct HotStuff {
     tree: BlockTree,
     safety: SafetyRules,
     pacemaker: Pacemaker,
-    /// Leaders whose round this replica saw end in a timeout certificate, until a block
-    /// of one of their rounds is certified. Rounds they lead, or whose votes go to them,
-    /// run on a shortened timer: a crashed leader then costs a fraction of a timeout per
-    /// rotation instead of two whole ones. Local and timing-only (never safety).
+    /// Leaders this replica saw let a round end in a timeout certificate (see
+    /// `process_tc`), until a block of one of their rounds is certified. Rounds they
+    /// lead, or whose votes go to them, run on a shortened timer: a crashed leader then
+    /// costs a fraction of a timeout per rotation instead of two whole ones. Local and
+    /// timing-only (never safety).
     suspects: BTreeSet<ReplicaId>,
+    /// The last round this replica voted in (since it started).
+    voted_round: Round,
     votes: VoteAggregator,
     timeouts: TimeoutAggregator,
     /// Our timeout for the current round, re-sent while the round lasts.
@@ -148,6 +151,7 @@ impl HotStuff {
             safety: SafetyRules::new(safety),
             pacemaker: Pacemaker::new(policy),
             suspects: BTreeSet::new(),
+            voted_round: Round(0),
             votes: VoteAggregator::default(),
             timeouts: TimeoutAggregator::default(),
             own_timeout: None,
@@ -208,10 +212,17 @@ impl HotStuff {
 
     // ----- rounds -------------------------------------------------------------------
 
-    fn advance_round(&mut self, round: Round, via_timeout: bool) {
-        let shortened =
-            self.suspects.contains(&self.leader(round)) || self.suspects.contains(&self.leader(round.next()));
-        if !self.pacemaker.advance(round, self.now, via_timeout, shortened) {
+    fn advance_round(&mut self, round: Round, via_timeout: bool, skip: bool) {
+        let timer = if skip {
+            RoundTimer::Skipped
+        } else if self.suspects.contains(&self.leader(round))
+            || self.suspects.contains(&self.leader(round.next()))
+        {
+            RoundTimer::Shortened
+        } else {
+            RoundTimer::Full
+        };
+        if !self.pacemaker.advance(round, self.now, via_timeout, timer) {
             return;
         }
         self.own_timeout = None;
@@ -244,17 +255,25 @@ impl HotStuff {
         }
         self.try_commit_via(qc);
         if qc.round() >= self.round() {
-            self.advance_round(qc.round().next(), false);
+            self.advance_round(qc.round().next(), false, false);
         }
     }
 
     fn process_tc(&mut self, tc: &TimeoutCert) {
         self.safety.observe_tc(tc);
         if tc.round >= self.round() {
-            // Its round ended without a certified block: its leader may have crashed.
-            let leader = self.leader(tc.round);
-            self.suspects.insert(leader);
-            self.advance_round(tc.round.next(), true);
+            // The round ended without a certified block. If we voted in it, its leader
+            // proposed and the next leader, who had our vote for a whole timeout, did not
+            // certify it: that one may have crashed, and waiting out its round again
+            // would only double the stall, so its round is skipped after a short grace.
+            // Otherwise the round's own leader may have crashed.
+            let voted = self.voted_round == tc.round;
+            let culprit = if voted { self.leader(tc.round.next()) } else { self.leader(tc.round) };
+            let skip = voted && culprit != self.cfg.id;
+            if culprit != self.cfg.id {
+                self.suspects.insert(culprit);
+            }
+            self.advance_round(tc.round.next(), true, skip);
         }
     }
 
@@ -418,6 +437,7 @@ impl HotStuff {
             return self.refuse(author, "safety rules refuse to vote");
         }
         self.safety.record_vote(round, qc_round);
+        self.voted_round = round;
         self.persist_safety();
         let vote = Signed::sign(
             VoteData { block: digest, round, height },
@@ -713,7 +733,7 @@ impl Protocol for HotStuff {
                 self.process_qc(&high_qc, peer);
                 let round = self.safety.certified_round().next();
                 let via_timeout = self.safety.last_tc().is_some_and(|tc| tc.round >= high_qc.round());
-                self.advance_round(round, via_timeout);
+                self.advance_round(round, via_timeout, false);
             }
             Input::Message { from, msg } => match msg.into_inner() {
                 Message::Proposal(p) => self.on_proposal(from, p),

@@ -12,7 +12,7 @@ pub use aggregator::{ROUND_WINDOW, TimeoutAggregator, TimeoutOutcome, VoteAggreg
 pub use block_tree::{BlockTree, InsertError};
 pub use core::{Config, HotStuff, Recovery};
 pub use election::{LAG as ELECTION_LAG, LeaderReputation};
-pub use pacemaker::{LeaderElection, Pacemaker, RoundRobin, TimeoutPolicy};
+pub use pacemaker::{LeaderElection, Pacemaker, RoundRobin, RoundTimer, TimeoutPolicy};
 pub use safety::{Refusal, SafetyRules};
 pub use types::*;
 

@@ -55,6 +55,21 @@ impl TimeoutPolicy {
 
 /// A round on a shortened timer waits this fraction of the normal timeout.
 pub const SHORTENED_DIVISOR: u64 = 4;
+/// A skipped round waits this fraction of the base timeout.
+pub const SKIPPED_DIVISOR: u64 = 20;
+
+/// How long a round waits for progress before its replica times out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoundTimer {
+    /// The timeout policy's duration (with backoff).
+    Full,
+    /// Its leader, or the next one whom its votes go to, is suspected of having
+    /// crashed: a quarter of the timeout.
+    Shortened,
+    /// Its leader already had a whole timeout to certify the previous round with this
+    /// replica's vote and did not: only a grace of 1/20 of the base timeout.
+    Skipped,
+}
 
 #[derive(Debug, Clone)]
 pub struct Pacemaker {
@@ -62,13 +77,19 @@ pub struct Pacemaker {
     deadline: Option<Time>,
     consecutive_timeouts: u32,
     policy: TimeoutPolicy,
-    /// Whether the current round runs on a shortened timer (see [`Pacemaker::advance`]).
-    shortened: bool,
+    /// The current round's timer (see [`Pacemaker::advance`]).
+    timer: RoundTimer,
 }
 
 impl Pacemaker {
     pub fn new(policy: TimeoutPolicy) -> Pacemaker {
-        Pacemaker { round: Round(0), deadline: None, consecutive_timeouts: 0, policy, shortened: false }
+        Pacemaker {
+            round: Round(0),
+            deadline: None,
+            consecutive_timeouts: 0,
+            policy,
+            timer: RoundTimer::Full,
+        }
     }
 
     pub fn round(&self) -> Round {
@@ -80,12 +101,11 @@ impl Pacemaker {
     }
 
     /// Enters `round` if it is higher than the current one. A QC resets the backoff;
-    /// a TC keeps it, so a run of failed rounds waits longer and longer. A `shortened`
-    /// round (its leader, or the next one whom its votes go to, is suspected of having
-    /// crashed) waits a quarter of the timeout while at most one timeout in a row has
-    /// passed; after that the full backoff applies, so suspicion can never keep rounds
-    /// too short for a slow network.
-    pub fn advance(&mut self, round: Round, now: Time, via_timeout: bool, shortened: bool) -> bool {
+    /// a TC keeps it, so a run of failed rounds waits longer and longer. A shortened or
+    /// skipped round waits less (see [`RoundTimer`]) only while at most one timeout in
+    /// a row has passed; after that the full backoff applies, so suspicion can never
+    /// keep rounds too short for a slow network.
+    pub fn advance(&mut self, round: Round, now: Time, via_timeout: bool, timer: RoundTimer) -> bool {
         if round <= self.round {
             return false;
         }
@@ -93,7 +113,7 @@ impl Pacemaker {
         if !via_timeout {
             self.consecutive_timeouts = 0;
         }
-        self.shortened = shortened;
+        self.timer = timer;
         self.arm(now);
         true
     }
@@ -106,8 +126,12 @@ impl Pacemaker {
 
     fn arm(&mut self, now: Time) {
         let mut duration = self.policy.duration(self.consecutive_timeouts);
-        if self.shortened && self.consecutive_timeouts <= 1 {
-            duration = (duration / SHORTENED_DIVISOR).max(1);
+        if self.consecutive_timeouts <= 1 {
+            duration = match self.timer {
+                RoundTimer::Full => duration,
+                RoundTimer::Shortened => (duration / SHORTENED_DIVISOR).max(1),
+                RoundTimer::Skipped => (self.policy.base_ms / SKIPPED_DIVISOR).max(1),
+            };
         }
         self.deadline = Some(now.plus_millis(duration));
     }

@@ -455,18 +455,26 @@ fn a_shortened_round_waits_a_quarter_of_the_timeout_for_one_timeout_in_a_row_the
     let policy = TimeoutPolicy { base_ms: 1000, max_ms: 8000 };
     let mut normal = Pacemaker::new(policy);
     let mut shortened = Pacemaker::new(policy);
-    assert!(normal.advance(Round(1), Time(0), false, false));
-    assert!(shortened.advance(Round(1), Time(0), false, true));
+    assert!(normal.advance(Round(1), Time(0), false, RoundTimer::Full));
+    assert!(shortened.advance(Round(1), Time(0), false, RoundTimer::Shortened));
     assert_eq!((normal.deadline(), shortened.deadline()), (Some(Time(1000)), Some(Time(250))));
     shortened.local_timeout(Time(250));
     assert_eq!(shortened.deadline(), Some(Time(250 + 500)), "one timeout in a row: still a quarter");
     shortened.local_timeout(Time(750));
     assert_eq!(shortened.deadline(), Some(Time(750 + 4000)), "two in a row: the full backoff");
     // A round entered by TC keeps the backoff; one entered by QC resets it.
-    assert!(shortened.advance(Round(2), Time(800), true, true));
+    assert!(shortened.advance(Round(2), Time(800), true, RoundTimer::Shortened));
     assert_eq!(shortened.deadline(), Some(Time(800 + 4000)));
-    assert!(shortened.advance(Round(3), Time(900), false, true));
+    assert!(shortened.advance(Round(3), Time(900), false, RoundTimer::Shortened));
     assert_eq!(shortened.deadline(), Some(Time(900 + 250)));
+    // A skipped round waits 1/20 of the base timeout after one timeout in a row, and
+    // the full backoff after two.
+    let mut skipped = Pacemaker::new(policy);
+    skipped.local_timeout(Time(0));
+    assert!(skipped.advance(Round(4), Time(1000), true, RoundTimer::Skipped));
+    assert_eq!(skipped.deadline(), Some(Time(1000 + 50)));
+    skipped.local_timeout(Time(1050));
+    assert_eq!(skipped.deadline(), Some(Time(1050 + 4000)));
 }
 
 #[test]
@@ -489,6 +497,28 @@ fn a_tc_makes_its_rounds_leader_suspected_until_one_of_its_blocks_is_certified()
     let b6 = fx.block(6, &b5, qc5, 2);
     core.handle(Time(20), Input::Message { from: ReplicaId(2), msg: fx.verified(fx.proposal(b6, None)) });
     assert!(!core.is_suspected(ReplicaId(1)), "round 5's block (replica 1's) was certified");
+}
+
+#[test]
+fn a_tc_of_a_round_we_voted_in_suspects_the_next_leader_and_skips_its_round() {
+    let fx = Fixture::new(4);
+    let mut core = fx.core(0);
+    let qc0 = QuorumCert::genesis(&fx.committee);
+    let genesis = Block::genesis(&fx.committee);
+    // Replica 1 proposes round 1 and replica 0 votes (to replica 2, round 2's leader).
+    let b1 = fx.block(1, &genesis, qc0.clone(), 1);
+    let actions =
+        core.handle(Time(10), Input::Message { from: ReplicaId(1), msg: fx.verified(fx.proposal(b1, None)) });
+    assert_eq!(votes(&actions).len(), 1);
+    // Replica 2 never certifies it: round 1 ends in a TC.
+    for who in [1u16, 2, 3] {
+        let msg = fx.verified(fx.timeout(who, 1, &qc0));
+        core.handle(Time(1010), Input::Message { from: ReplicaId(who), msg });
+    }
+    assert_eq!(core.round(), Round(2));
+    assert!(core.is_suspected(ReplicaId(2)), "round 2's leader had our vote and did nothing");
+    assert!(!core.is_suspected(ReplicaId(1)), "round 1's leader proposed");
+    assert_eq!(core.next_deadline(), Some(Time(1010 + 50)), "its round waits only a grace");
 }
 
 #[test]
