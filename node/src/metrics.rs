@@ -49,6 +49,8 @@ pub struct Metrics {
     pub byzantine: Family<Labels, Gauge>,
     pub digest_mismatches: Counter,
     pub storage_bytes: Gauge,
+    /// RocksDB's memory by kind (memtables, table readers, block cache).
+    pub storage_memory: Family<Labels, Gauge>,
     /// Messages that failed verification or were refused by the protocol, by reason.
     pub refused_messages: Family<Labels, Counter>,
     /// Client requests refused, by reason.
@@ -86,6 +88,7 @@ impl Default for Metrics {
             byzantine: Family::default(),
             digest_mismatches: Counter::default(),
             storage_bytes: Gauge::default(),
+            storage_memory: Family::default(),
             refused_messages: Family::default(),
             refused_requests: Family::default(),
             network: Family::default(),
@@ -155,6 +158,11 @@ impl Default for Metrics {
             m.digest_mismatches.clone(),
         );
         registry.register("storage_bytes", "Bytes in RocksDB SST files", m.storage_bytes.clone());
+        registry.register(
+            "storage_memory_bytes",
+            "Bytes RocksDB holds in memory, by kind",
+            m.storage_memory.clone(),
+        );
         registry.register(
             "refused_messages",
             "Replica messages refused, by reason",

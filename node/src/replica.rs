@@ -959,6 +959,12 @@ where
             counter.inc_by(dropped.saturating_sub(counter.get()));
         }
         self.metrics.storage_bytes.set(i64::try_from(self.store.size_bytes()).unwrap_or(i64::MAX));
+        let memory = self.store.memory();
+        for (kind, bytes) in
+            [("memtables", memory.memtables), ("table_readers", memory.table_readers), ("block_cache", memory.block_cache)]
+        {
+            self.metrics.storage_memory.get_or_create(&label("kind", kind)).set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        }
         self.status.send_if_modified(|s| {
             let changed = s.peers_connected != connected;
             s.peers_connected = connected;
