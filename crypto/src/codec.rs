@@ -46,6 +46,16 @@ pub fn encode_into<T: Serialize + ?Sized>(value: &T, out: &mut Vec<u8>) -> Resul
         .map_err(|e| CodecError::Encode(e.to_string()))
 }
 
+/// Encodes `value` into a buffer allocated once at its exact size (a sizing pass, then
+/// the encoding). For large values (snapshots): growing a buffer by doubling leaves
+/// freed blocks of every size below it to the allocator, and the peak holds the old
+/// and the new buffer at once.
+pub fn encode_exact<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>, CodecError> {
+    let mut out = Vec::with_capacity(encoded_len(value)?);
+    encode_into(value, &mut out)?;
+    Ok(out)
+}
+
 /// The encoded length of `value`, without keeping the bytes.
 pub fn encoded_len<T: Serialize + ?Sized>(value: &T) -> Result<usize, CodecError> {
     let mut counter = ByteCounter(0);
@@ -148,6 +158,19 @@ mod tests {
         let ids: Vec<u64> = (0..5000).map(|i| i % 100).collect();
         let bytes = encode(&ids).unwrap();
         assert_eq!(decode::<Vec<u64>>(&bytes, MAX_DECODE_BYTES).unwrap(), ids);
+    }
+
+    #[test]
+    fn exact_encoding_is_the_encoding_in_one_allocation_of_its_size() {
+        let sample = Sample {
+            round: 9,
+            name: "x".repeat(300),
+            payload: vec![3; 70_000],
+            parts: vec![(1, [2; 32]); 40],
+        };
+        let exact = encode_exact(&sample).unwrap();
+        assert_eq!(exact, encode(&sample).unwrap());
+        assert_eq!(exact.capacity(), exact.len());
     }
 
     #[test]

@@ -960,10 +960,15 @@ where
         }
         self.metrics.storage_bytes.set(i64::try_from(self.store.size_bytes()).unwrap_or(i64::MAX));
         let memory = self.store.memory();
-        for (kind, bytes) in
-            [("memtables", memory.memtables), ("table_readers", memory.table_readers), ("block_cache", memory.block_cache)]
-        {
-            self.metrics.storage_memory.get_or_create(&label("kind", kind)).set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        for (kind, bytes) in [
+            ("memtables", memory.memtables),
+            ("table_readers", memory.table_readers),
+            ("block_cache", memory.block_cache),
+        ] {
+            self.metrics
+                .storage_memory
+                .get_or_create(&label("kind", kind))
+                .set(i64::try_from(bytes).unwrap_or(i64::MAX));
         }
         self.status.send_if_modified(|s| {
             let changed = s.peers_connected != connected;

@@ -306,7 +306,7 @@ impl Store {
     pub fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<(), StorageError> {
         let cf = self.cf("snapshot")?;
         let mut batch = WriteBatch::default();
-        batch.put_cf(cf, b"latest", codec::encode(snapshot)?);
+        batch.put_cf(cf, b"latest", codec::encode_exact(snapshot)?);
         let mut options = WriteOptions::default();
         options.disable_wal(true);
         self.db.write_opt(batch, &options)?;
