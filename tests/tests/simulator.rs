@@ -116,9 +116,14 @@ fn pbft_same_seed_same_trace() {
 fn checker_finds_the_fork_of_a_broken_commit_rule() {
     let mut found = None;
     for seed in 0..200 {
-        if let Err(failure) = run_seed(ProtocolKind::HotStuff, 4, seed) {
-            found = Some(failure);
-            break;
+        match run_seed(ProtocolKind::HotStuff, 4, seed) {
+            Err(failure) if failure.violation.class() == "safety" => {
+                found = Some(failure);
+                break;
+            }
+            // Forked commits also feed the leader election different histories, which
+            // can stall a run before it forks: a liveness failure, not what this is about.
+            Err(_) | Ok(_) => {}
         }
     }
     let failure = found.expect("a one-chain commit rule forks within 200 seeds");

@@ -370,17 +370,17 @@ impl HotStuff {
 
     fn on_proposal(&mut self, from: ReplicaId, proposal: Proposal) {
         let block = &proposal.block;
-        if block.author != self.leader(block.round) {
-            // Its certificates were verified and hold whoever carries them: a replica
-            // whose election disagrees for a while still follows the chain.
-            let justify = block.justify.clone();
-            self.process_qc(&justify, from);
-            if let Some(tc) = &proposal.last_round_tc {
-                self.process_tc(tc);
-            }
-            if self.leaders.settled() {
-                return self.refuse(from, "proposer is not the round's leader");
-            }
+        // Its certificates were verified and hold whoever carries them. Processed
+        // first: the commits they complete are what the proposer elected with, and a
+        // replica whose election disagrees for a while still follows the chain.
+        let justify = block.justify.clone();
+        self.process_qc(&justify, from);
+        if let Some(tc) = &proposal.last_round_tc {
+            self.process_tc(tc);
+        }
+        let block = &proposal.block;
+        if block.author != self.leader(block.round) && self.leaders.settled() {
+            return self.refuse(from, "proposer is not the round's leader");
         }
         let key = (block.round, block.author);
         match self.seen_proposals.get(&key) {
@@ -405,15 +405,14 @@ impl HotStuff {
             }
             None => {}
         }
-        let justify = block.justify.clone();
-        self.process_qc(&justify, from);
-        if let Some(tc) = &proposal.last_round_tc {
-            self.process_tc(tc);
-        }
         let digest = block.digest();
         let round = block.round;
         self.insert_block(proposal.block.clone(), digest, from);
         if round == self.round() {
+            // The leader we were about to skip is alive: give its round a fair timer.
+            let timer =
+                if self.is_suspected(block.author) { RoundTimer::Shortened } else { RoundTimer::Full };
+            self.pacemaker.unskip(self.now, timer);
             self.pending_vote = Some((digest, proposal.last_round_tc));
             self.try_vote();
         }
@@ -446,9 +445,7 @@ impl HotStuff {
             self.cfg.committee.chain_id(),
         );
         let next_leader = self.leader(round.next());
-        if next_leader == self.cfg.id {
-            self.on_vote(self.cfg.id, vote.into_inner());
-        } else if self.is_suspected(next_leader) || !self.leaders.settled() {
+        if self.is_suspected(next_leader) || !self.leaders.settled() {
             // The next leader may be dead: every replica that suspects it forms this
             // round's QC itself, so the block is certified and only the dead leader's
             // own round times out (not this one as well). An unsettled replica may not
@@ -456,6 +453,8 @@ impl HotStuff {
             let vote = vote.into_inner();
             self.send(Recipient::AllOthers, Message::Vote(vote.clone()));
             self.on_vote(self.cfg.id, vote);
+        } else if next_leader == self.cfg.id {
+            self.on_vote(self.cfg.id, vote.into_inner());
         } else {
             self.send(Recipient::One(next_leader), Message::Vote(vote.into_inner()));
         }

@@ -118,6 +118,15 @@ impl Pacemaker {
         true
     }
 
+    /// The current round's leader proposed: a skipped round gets `timer` instead,
+    /// counted from now (the guess that its leader had crashed was wrong).
+    pub fn unskip(&mut self, now: Time, timer: RoundTimer) {
+        if self.timer == RoundTimer::Skipped {
+            self.timer = timer;
+            self.arm(now);
+        }
+    }
+
     /// The round's timer fired: back off and re-arm.
     pub fn local_timeout(&mut self, now: Time) {
         self.consecutive_timeouts = self.consecutive_timeouts.saturating_add(1);
