@@ -378,7 +378,6 @@ impl HotStuff {
         if let Some(tc) = &proposal.last_round_tc {
             self.process_tc(tc);
         }
-        let block = &proposal.block;
         if block.author != self.leader(block.round) && self.leaders.settled() {
             return self.refuse(from, "proposer is not the round's leader");
         }
