@@ -16,9 +16,9 @@
 //!   plain round-robin over the whole committee.
 //!
 //! A restarted replica is seeded with the committed blocks ending at its root; one that
-//! installed a snapshot and has fewer than a window of blocks is *unsettled* until it
-//! has committed a window's worth, and the core then accepts any proposer and sends its
-//! votes to every replica (see `HotStuff::on_proposal`).
+//! installed a snapshot and lacks them is *unsettled* until it has committed a window
+//! plus [`LAG`] blocks; meanwhile the core accepts any proposer and sends its votes to
+//! every replica (see `HotStuff::on_proposal`).
 
 use std::collections::VecDeque;
 
