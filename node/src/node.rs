@@ -178,35 +178,26 @@ fn recover_hotstuff<A: StateMachine>(
             _ => None,
         })
         .collect();
-    // The committed chain ending at the root seeds the leader election.
-    let mut committed: Vec<Block> = if executor.height().0 > 0 {
+    // The committed chain ending at the root (the last executed block): the root, and
+    // the history that seeds the leader election.
+    let mut committed: Vec<Block> = Vec::new();
+    if executor.height().0 > 0 {
         let wanted = LeaderReputation::history_wanted(&settings.committee);
-        store
-            .chain_ending_at::<Record>(executor.last_block(), wanted)?
-            .into_iter()
-            .filter_map(|r| match r {
-                Record::Block(b) => Some(b),
-                Record::Safety(_) => None,
-            })
-            .collect()
-    } else {
-        Vec::new()
-    };
-    committed.reverse();
-    let root = if executor.height().0 > 0 {
-        match store.chain_record::<Record>(&executor.last_block())? {
-            Some(Record::Block(b)) => Some(b),
-            _ => {
-                return Err(StorageError::Corrupt {
-                    cf: "chain",
-                    key: executor.last_block().to_string(),
-                    reason: "the last executed block is missing".into(),
-                });
+        for record in store.chain_ending_at::<Record>(executor.last_block(), wanted)? {
+            if let Record::Block(b) = record {
+                committed.push(b);
             }
         }
-    } else {
-        None
-    };
+        if committed.is_empty() {
+            return Err(StorageError::Corrupt {
+                cf: "chain",
+                key: executor.last_block().to_string(),
+                reason: "the last executed block is missing".into(),
+            });
+        }
+        committed.reverse();
+    }
+    let root = committed.last().cloned();
     let cfg = Config {
         id: settings.id,
         committee: settings.committee.clone(),

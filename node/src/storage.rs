@@ -111,9 +111,9 @@ impl Store {
         let cfs = CFS.iter().map(|name| {
             let mut cf = Options::default();
             cf.set_block_based_table_factory(&table);
-            cf.set_write_buffer_size(SMALL_MEMTABLE);
-            if LARGE_VALUES.contains(name) {
-                cf.set_write_buffer_size(MEMTABLE_BUDGET / 4);
+            let large = LARGE_VALUES.contains(name);
+            cf.set_write_buffer_size(if large { MEMTABLE_BUDGET / 4 } else { SMALL_MEMTABLE });
+            if large {
                 // Key-value separation: values go to blob files once, at flush, and
                 // compactions move only keys and blob references. Batches (~20 MB/s at
                 // 40,000 tx/s) under random digest keys were otherwise rewritten by every

@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 
 use bulwark_crypto::{Committee, ReplicaId};
 
-use super::pacemaker::LeaderElection;
+use super::pacemaker::{LeaderElection, RoundRobin};
 use super::types::Block;
 use crate::protocol::{Height, Round};
 
@@ -46,14 +46,15 @@ struct Entry {
 
 #[derive(Debug, Clone)]
 pub struct LeaderReputation {
-    ids: Vec<ReplicaId>,
-    positions: std::collections::BTreeMap<ReplicaId, usize>,
-    max_faulty: usize,
+    committee: Committee,
+    /// The schedule while the history shows no (or too many) inactive replicas.
+    round_robin: RoundRobin,
     window: usize,
     /// Committed blocks in chain order, at most `window + LAG_SLACK` of them.
     history: VecDeque<Entry>,
-    /// The history reaches back to genesis or holds a full window: this replica elects
-    /// what every other honest replica with the same commits elects.
+    /// The history reaches back to genesis or holds [`LeaderReputation::history_wanted`]
+    /// blocks: this replica elects what every other honest replica with the same
+    /// commits elects.
     settled: bool,
 }
 
@@ -71,13 +72,10 @@ impl LeaderReputation {
     /// An election with no history yet: `from_genesis` says whether the chain starts
     /// at genesis (so an empty history is complete).
     pub fn new(committee: &Committee, from_genesis: bool) -> LeaderReputation {
-        let ids: Vec<ReplicaId> = committee.ids().collect();
-        let positions = ids.iter().enumerate().map(|(i, id)| (*id, i)).collect();
         LeaderReputation {
+            committee: committee.clone(),
+            round_robin: RoundRobin::new(committee),
             window: window(committee),
-            ids,
-            positions,
-            max_faulty: committee.max_faulty(),
             history: VecDeque::new(),
             settled: from_genesis,
         }
@@ -89,15 +87,15 @@ impl LeaderReputation {
     }
 
     /// How many committed blocks ending at its root a restarted replica should be
-    /// seeded with to be settled at once.
+    /// seeded with to be settled at once: a window below the lag, and the lag above it.
     pub fn history_wanted(committee: &Committee) -> usize {
-        window(committee) + LAG_SLACK
+        window(committee) + LAG as usize
     }
 
     fn position_bit(&self, id: ReplicaId) -> u128 {
-        match self.positions.get(&id) {
+        match self.committee.position(id) {
             // Committees of more than 128 members use round-robin (see `leader`).
-            Some(&p) if p < 128 => 1u128 << p,
+            Some(p) if p < 128 => 1u128 << p,
             _ => 0,
         }
     }
@@ -105,7 +103,7 @@ impl LeaderReputation {
 
 impl LeaderElection for LeaderReputation {
     fn leader(&self, round: Round) -> ReplicaId {
-        let n = self.ids.len();
+        let n = self.committee.size();
         let limit = round.0.saturating_sub(LAG);
         let mut present = 0u128;
         let mut counted = 0;
@@ -115,12 +113,12 @@ impl LeaderElection for LeaderReputation {
         }
         let active = present.count_ones() as usize;
         let inactive = n.saturating_sub(active);
-        if counted < self.window || inactive == 0 || inactive > self.max_faulty || n > 128 {
-            return self.ids[(round.0 % n as u64) as usize];
+        if counted < self.window || inactive == 0 || inactive > self.committee.max_faulty() || n > 128 {
+            return self.round_robin.leader(round);
         }
         let k = (round.0 % active as u64) as usize;
         let position = (0..n).filter(|p| present & (1u128 << p) != 0).nth(k).unwrap_or(0);
-        self.ids[position]
+        self.committee.members()[position].id
     }
 
     fn committed(&mut self, block: &Block) {
@@ -140,7 +138,6 @@ impl LeaderElection for LeaderReputation {
         while self.history.len() > self.window + LAG_SLACK {
             self.history.pop_front();
         }
-        // A window of blocks below the lag, and the blocks of the lag above it.
         if self.history.len() >= self.window + LAG as usize {
             self.settled = true;
         }
@@ -275,7 +272,7 @@ mod tests {
         let mut e = LeaderReputation::new(&c, false);
         assert!(!e.settled());
         let mut height = 100;
-        let enough = (e.window() + LAG as usize) as u64;
+        let enough = LeaderReputation::history_wanted(&c) as u64;
         run(&mut e, &mut height, 200..(200 + enough - 1), &[0, 1, 2, 3], None);
         assert!(!e.settled());
         run(&mut e, &mut height, 300..301, &[0, 1, 2, 3], None);
@@ -299,8 +296,12 @@ mod tests {
             a.committed(&b);
             blocks.push(b);
         }
+        // Seeded with just the blocks a restart reads (fewer than `a` keeps): settled
+        // only with the last of them, and then electing what `a` elects.
         let mut b = LeaderReputation::new(&c, false);
-        for blk in &blocks[blocks.len() - (b.window() + LAG_SLACK)..] {
+        let seed = &blocks[blocks.len() - LeaderReputation::history_wanted(&c)..];
+        for blk in seed {
+            assert!(!b.settled());
             b.committed(blk);
         }
         assert!(b.settled());

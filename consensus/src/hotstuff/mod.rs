@@ -11,7 +11,7 @@ mod types;
 pub use aggregator::{ROUND_WINDOW, TimeoutAggregator, TimeoutOutcome, VoteAggregator, VoteOutcome};
 pub use block_tree::{BlockTree, InsertError};
 pub use core::{Config, HotStuff, Recovery};
-pub use election::{LAG as ELECTION_LAG, LeaderReputation};
+pub use election::LeaderReputation;
 pub use pacemaker::{LeaderElection, Pacemaker, RoundRobin, RoundTimer, TimeoutPolicy};
 pub use safety::{Refusal, SafetyRules};
 pub use types::*;

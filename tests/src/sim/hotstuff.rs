@@ -92,8 +92,8 @@ impl Harness for HotStuffHarness {
             }
         }
         if app.height > Height(0) {
-            recovery.root = recovery.blocks.iter().find(|b: &&Block| b.digest() == app.last_block).cloned();
             recovery.committed = committed_chain(&recovery.blocks, app.last_block, &self.keys.committee);
+            recovery.root = recovery.committed.last().cloned();
         }
         let core = if setup.leaders.is_empty() {
             HotStuff::recover(cfg, recovery)
