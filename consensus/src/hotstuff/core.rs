@@ -22,10 +22,16 @@ use crate::protocol::{
 
 /// State digests of executed heights kept to check proposers' claims.
 const EXECUTED_RETAINED: usize = 1024;
-/// Blocks waiting for a missing ancestor, at most.
+/// Blocks waiting for a missing ancestor, at most: proposals, and twice as many for
+/// blocks that came in sync responses (room to walk back to a gap behind a full
+/// buffer of proposals).
 const MAX_ORPHANS: usize = 1024;
 /// Outstanding catch-up requests, at most.
 const MAX_REQUESTS: usize = 64;
+/// A catch-up request unanswered for this long is sent to the next peer when the
+/// block is needed again (besides on each local timeout, which may never come while
+/// rounds keep succeeding).
+const SYNC_RETRY_MS: u64 = 500;
 
 /// How a replica runs HotStuff.
 #[derive(Debug)]
@@ -79,9 +85,12 @@ pub struct HotStuff {
     pending_claims: BTreeMap<Height, Vec<(Digest, ReplicaId)>>,
     /// Blocks whose parent is missing, by that parent's digest.
     orphans: BTreeMap<Digest, Vec<Block>>,
-    orphan_count: usize,
-    /// Blocks asked for: digest -> peer asked last.
-    requested: BTreeMap<Digest, ReplicaId>,
+    /// The parent of each block held in `orphans`, by the block's digest. A held block
+    /// is not missing: what its chain misses is the parent of its oldest held ancestor.
+    orphan_parents: BTreeMap<Digest, Digest>,
+    /// Blocks asked for and neither in the tree nor held: digest -> (peer asked last,
+    /// when).
+    requested: BTreeMap<Digest, (ReplicaId, Time)>,
     /// The proposal of the current round waiting for its ancestors before we vote.
     pending_vote: Option<(Digest, Option<TimeoutCert>)>,
     /// We lead this round but lack the block our high QC certifies: ask the host for
@@ -159,7 +168,7 @@ impl HotStuff {
             last_executed: recovery.executed,
             pending_claims: BTreeMap::new(),
             orphans: BTreeMap::new(),
-            orphan_count: 0,
+            orphan_parents: BTreeMap::new(),
             requested: BTreeMap::new(),
             pending_vote: None,
             proposal_waits_for_parent: None,
@@ -316,6 +325,7 @@ impl HotStuff {
                 payload: block.payload,
             });
         }
+        self.prune_orphans();
     }
 
     // ----- proposals --------------------------------------------------------------------
@@ -406,7 +416,7 @@ impl HotStuff {
         }
         let digest = block.digest();
         let round = block.round;
-        self.insert_block(proposal.block.clone(), digest, from);
+        self.insert_block(proposal.block.clone(), digest, from, false);
         if round == self.round() {
             // The leader we were about to skip is alive: give its round a fair timer.
             let timer =
@@ -586,7 +596,8 @@ impl HotStuff {
     // ----- block tree and catch-up ----------------------------------------------------
 
     /// Inserts a verified block (and any orphans waiting for it), persisting each.
-    fn insert_block(&mut self, block: Block, digest: Digest, from: ReplicaId) {
+    /// `solicited`: it came in a sync response.
+    fn insert_block(&mut self, block: Block, digest: Digest, from: ReplicaId, solicited: bool) {
         let mut queue = vec![(block, digest)];
         while let Some((block, digest)) = queue.pop() {
             let justify = block.justify.clone();
@@ -599,22 +610,24 @@ impl HotStuff {
                         let qc = self.safety.high_qc().clone();
                         self.try_commit_via(&qc);
                     }
-                    if let Some(children) = self.orphans.remove(&digest) {
-                        self.orphan_count -= children.len();
-                        queue.extend(children.into_iter().map(|b| {
-                            let d = b.digest();
-                            (b, d)
-                        }));
+                    for child in self.orphans.remove(&digest).unwrap_or_default() {
+                        let child_digest = child.digest();
+                        self.orphan_parents.remove(&child_digest);
+                        queue.push((child, child_digest));
                     }
                 }
                 Ok(false) => {}
                 Err(InsertError::MissingParent(parent)) => {
-                    if self.orphan_count < MAX_ORPHANS {
-                        let siblings = self.orphans.entry(parent).or_default();
-                        if !siblings.iter().any(|b| b.digest() == digest) {
-                            siblings.push(block);
-                            self.orphan_count += 1;
+                    self.requested.remove(&digest);
+                    let limit = if solicited { 2 * MAX_ORPHANS } else { MAX_ORPHANS };
+                    if !self.orphan_parents.contains_key(&digest) {
+                        if self.orphan_parents.len() >= limit {
+                            // Dropped, and its parent not asked for: the held chains are
+                            // completed first; it is asked for again from its children.
+                            continue;
                         }
+                        self.orphans.entry(parent).or_default().push(block);
+                        self.orphan_parents.insert(digest, parent);
                     }
                     self.request_block(parent, from);
                 }
@@ -631,15 +644,50 @@ impl HotStuff {
         }
     }
 
-    fn request_block(&mut self, digest: Digest, peer: ReplicaId) {
-        if self.tree.get(&digest).is_some()
-            || self.requested.contains_key(&digest)
-            || self.requested.len() >= MAX_REQUESTS
-        {
+    /// Drops held blocks at or below the committed root: their parents are never
+    /// coming (they lost to the committed chain or are committed already).
+    fn prune_orphans(&mut self) {
+        if self.orphans.is_empty() {
             return;
         }
-        let peer = if peer == self.cfg.id { self.next_peer(peer) } else { peer };
-        self.requested.insert(digest, peer);
+        let root = self.tree.root().height;
+        let parents = &mut self.orphan_parents;
+        self.orphans.retain(|_, children| {
+            children.retain(|b| {
+                let keep = b.height > root;
+                if !keep {
+                    parents.remove(&b.digest());
+                }
+                keep
+            });
+            !children.is_empty()
+        });
+    }
+
+    /// The block a chain through `digest` misses: `digest` itself, or the parent of
+    /// its oldest held ancestor when `digest` is held.
+    fn missing_ancestor(&self, mut digest: Digest) -> Digest {
+        while let Some(parent) = self.orphan_parents.get(&digest) {
+            digest = *parent;
+        }
+        digest
+    }
+
+    /// Asks for the block that a chain through `digest` misses, first from `peer`; a
+    /// request unanswered for [`SYNC_RETRY_MS`] goes to the next peer.
+    fn request_block(&mut self, digest: Digest, peer: ReplicaId) {
+        let digest = self.missing_ancestor(digest);
+        if self.tree.get(&digest).is_some() {
+            return;
+        }
+        let peer = match self.requested.get(&digest) {
+            Some((_, at)) if self.now.0.saturating_sub(at.0) < SYNC_RETRY_MS => return,
+            Some((asked, _)) => self.next_peer(*asked),
+            None if self.requested.len() >= MAX_REQUESTS => return,
+            None if peer == self.cfg.id => self.next_peer(peer),
+            None => peer,
+        };
+        self.requested.insert(digest, (peer, self.now));
         self.send_sync_request(digest, peer);
     }
 
@@ -658,14 +706,14 @@ impl HotStuff {
 
     /// Asks another peer for everything still missing (called on each local timeout).
     fn retry_requests(&mut self) {
-        let pending: Vec<(Digest, ReplicaId)> = self.requested.iter().map(|(d, p)| (*d, *p)).collect();
+        let pending: Vec<(Digest, ReplicaId)> = self.requested.iter().map(|(d, (p, _))| (*d, *p)).collect();
         for (digest, peer) in pending {
             if self.tree.get(&digest).is_some() {
                 self.requested.remove(&digest);
                 continue;
             }
             let next = self.next_peer(peer);
-            self.requested.insert(digest, next);
+            self.requested.insert(digest, (next, self.now));
             self.send_sync_request(digest, next);
         }
     }
@@ -700,7 +748,11 @@ impl HotStuff {
     fn on_sync_response(&mut self, from: ReplicaId, response: SyncResponse) {
         let Some(first) = response.blocks.first() else { return };
         let first_digest = first.digest();
-        if !self.requested.contains_key(&first_digest) {
+        if self.tree.get(&first_digest).is_some() {
+            // A late answer (the request went to another peer too).
+            return;
+        }
+        if !self.requested.contains_key(&first_digest) && !self.orphan_parents.contains_key(&first_digest) {
             return self.refuse(from, "unsolicited sync response");
         }
         // Oldest first, so each block finds its parent.
@@ -709,7 +761,7 @@ impl HotStuff {
             if block.height <= self.tree.root().height {
                 continue;
             }
-            self.insert_block(block, digest, from);
+            self.insert_block(block, digest, from, true);
         }
     }
 }

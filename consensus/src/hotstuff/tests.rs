@@ -369,6 +369,58 @@ fn a_replica_missing_an_ancestor_asks_for_it_and_resumes() {
     assert_eq!(votes(&r).len(), 1, "votes for round 2 once the ancestor arrived");
 }
 
+/// A replica that missed a stretch of blocks longer than one sync response while
+/// proposals kept arriving: it walks back to the gap and commits again, without
+/// waiting for a timeout (rounds keep advancing, so none fires).
+#[test]
+fn a_replica_behind_by_many_blocks_while_proposals_keep_coming_catches_up() {
+    let fx = Fixture::new(4);
+    let mut core = fx.core(0);
+    let genesis = Block::genesis(&fx.committee);
+    let mut chain = vec![genesis.clone()];
+    let mut justify = QuorumCert::genesis(&fx.committee);
+    for round in 1..=200u64 {
+        let block = fx.block(round, chain.last().unwrap(), justify, (round % 4) as u16);
+        justify = fx.qc(&block, &[0, 1, 2]);
+        chain.push(block);
+    }
+    let by_digest: std::collections::HashMap<Digest, usize> =
+        chain.iter().enumerate().map(|(i, b)| (b.digest(), i)).collect();
+    let mut now = 0;
+    let mut requests = Vec::new();
+    let mut feed =
+        |core: &mut HotStuff, from: u16, msg: Message, requests: &mut Vec<(ReplicaId, SyncRequest)>| {
+            now += 5;
+            let actions =
+                core.handle(Time(now), Input::Message { from: ReplicaId(from), msg: fx.verified(msg) });
+            requests.extend(actions.send.iter().filter_map(|o| match (&o.msg, o.to) {
+                (Message::SyncRequest(r), Recipient::One(to)) => Some((to, *r)),
+                _ => None,
+            }));
+        };
+    // Blocks 1..=10 arrive; 11..=60 are lost; 61..=200 arrive before any answer.
+    for height in (1..=10).chain(61..=200) {
+        let block = chain[height].clone();
+        let author = block.author.0;
+        feed(&mut core, author, fx.proposal(block, None), &mut requests);
+    }
+    assert!(core.committed_height() < Height(10));
+    // Peers answer every request (from the chain they hold), as many times as asked.
+    for _ in 0..100 {
+        let pending = std::mem::take(&mut requests);
+        if pending.is_empty() {
+            break;
+        }
+        for (to, request) in pending {
+            let Some(&end) = by_digest.get(&request.block) else { continue };
+            let start = end.saturating_sub(request.max_blocks as usize - 1).max(1);
+            let blocks: Vec<Block> = chain[start..=end].iter().rev().cloned().collect();
+            feed(&mut core, to.0, Message::SyncResponse(SyncResponse { blocks }), &mut requests);
+        }
+    }
+    assert_eq!(core.committed_height(), Height(198), "commits up to the tip's grandparent");
+}
+
 #[test]
 fn sync_requests_for_pruned_blocks_are_answered_from_storage() {
     let fx = Fixture::new(4);

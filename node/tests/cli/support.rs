@@ -345,6 +345,13 @@ impl Drop for Testnet {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // A failed test keeps its testnet (logs, configs, stores) for a post-mortem.
+        if std::thread::panicking() {
+            let kept = self.dir.path().with_extension("failed");
+            if std::fs::rename(self.dir.path(), &kept).is_ok() {
+                eprintln!("the failed test's testnet (logs, data) is kept in {}", kept.display());
+            }
+        }
     }
 }
 
