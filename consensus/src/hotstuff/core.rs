@@ -631,7 +631,10 @@ impl HotStuff {
                     }
                     self.request_block(parent, from);
                 }
-                Err(InsertError::Conflicts) => {}
+                Err(InsertError::Conflicts) => {
+                    // Asked for, but it lost to the committed chain: never ask again.
+                    self.requested.remove(&digest);
+                }
             }
         }
         self.try_vote();
