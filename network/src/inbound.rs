@@ -2,6 +2,7 @@
 //! frames from its streams.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use bulwark_crypto::{Committee, ReplicaId};
@@ -13,6 +14,7 @@ use tokio::sync::mpsc;
 use crate::counters::{NetworkCounters, add, bump};
 use crate::framing::{FrameDecoder, FrameError, decode_body};
 use crate::identity::certificate_key;
+use crate::peer::PeerState;
 use crate::{NetworkConfig, close_code};
 
 /// Received chunks taken from a stream per read.
@@ -144,11 +146,19 @@ pub(crate) async fn accept_replicas<M: DeserializeOwned + Send + 'static>(
     config: NetworkConfig,
     counters: Arc<NetworkCounters>,
     deliver: mpsc::Sender<(ReplicaId, M)>,
+    peers: BTreeMap<ReplicaId, Arc<PeerState>>,
 ) {
     let live = Arc::new(Mutex::new(LiveConnections::default()));
+    let peers = Arc::new(peers);
     while let Some(incoming) = endpoint.accept().await {
-        let (committee, config, counters, deliver, live) =
-            (committee.clone(), config.clone(), counters.clone(), deliver.clone(), live.clone());
+        let (committee, config, counters, deliver, live, peers) = (
+            committee.clone(),
+            config.clone(),
+            counters.clone(),
+            deliver.clone(),
+            live.clone(),
+            peers.clone(),
+        );
         tokio::spawn(async move {
             let Some(connection) = handshake(incoming, &config, &counters).await else {
                 return;
@@ -171,6 +181,10 @@ pub(crate) async fn accept_replicas<M: DeserializeOwned + Send + 'static>(
                 }
             };
             bump(&counters.connections_accepted);
+            // It is up (again): our own dialer to it stops waiting out its backoff.
+            if let Some(state) = peers.get(&peer).filter(|s| !s.connected.load(Ordering::Relaxed)) {
+                state.redial.notify_one();
+            }
             let token = {
                 let mut live = LiveConnections::lock(&live);
                 let token = live.next_token;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bulwark_crypto::ReplicaId;
 use bytes::{Bytes, BytesMut};
-use tokio::sync::mpsc;
+use tokio::sync::{Notify, mpsc};
 
 use crate::NetworkConfig;
 use crate::backoff::Backoff;
@@ -24,6 +24,9 @@ use crate::identity::replica_name;
 pub(crate) struct PeerState {
     pub(crate) connected: AtomicBool,
     pub(crate) dropped_queue_full: AtomicU64,
+    /// Woken when the peer dials us: it is up again, so a dialer waiting out its
+    /// backoff reconnects at once instead of up to `reconnect_max_backoff` later.
+    pub(crate) redial: Notify,
 }
 
 /// Frames coalesced into one stream write, at most.
@@ -70,7 +73,10 @@ impl Dialer {
             if queue.is_closed() {
                 return;
             }
-            tokio::time::sleep(backoff.next_delay()).await;
+            tokio::select! {
+                _ = tokio::time::sleep(backoff.next_delay()) => {}
+                _ = self.state.redial.notified() => backoff.reset(),
+            }
         }
     }
 

@@ -110,16 +110,8 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> ReplicaNetwork<M> {
         .map_err(|e| NetworkError::Bind { address: local_addr.to_string(), reason: e.to_string() })?;
         endpoint.set_default_client_config(client);
 
-        let (deliver, inbound) = mpsc::channel(config.receive_queue_capacity);
-        let mut tasks = vec![tokio::spawn(inbound::accept_replicas::<M>(
-            endpoint.clone(),
-            committee.clone(),
-            me,
-            config.clone(),
-            counters.clone(),
-            deliver,
-        ))];
         let mut peers = BTreeMap::new();
+        let mut tasks = Vec::new();
         for member in committee.members().iter().filter(|m| m.id != me) {
             let (queue, queued) = mpsc::channel(config.send_queue_capacity);
             let state = Arc::new(PeerState::default());
@@ -134,6 +126,17 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> ReplicaNetwork<M> {
             tasks.push(tokio::spawn(dialer.run(queued)));
             peers.insert(member.id, Peer { queue, state });
         }
+        let (deliver, inbound) = mpsc::channel(config.receive_queue_capacity);
+        let states = peers.iter().map(|(id, peer)| (*id, peer.state.clone())).collect();
+        tasks.push(tokio::spawn(inbound::accept_replicas::<M>(
+            endpoint.clone(),
+            committee.clone(),
+            me,
+            config.clone(),
+            counters.clone(),
+            deliver,
+            states,
+        )));
         let network = ReplicaNetwork {
             me,
             max_frame_bytes: config.max_frame_bytes,

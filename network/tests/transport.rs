@@ -470,3 +470,28 @@ async fn crashed_replica_restarted_on_the_same_address_is_reconnected_at_once() 
         network.shutdown().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_comes_up_is_dialed_at_once_not_after_the_backoff() {
+    // Replica 0 gives up on the silent replica 3 quickly and then waits at least 5 s
+    // before dialing it again; replica 3 coming up and dialing 0 cuts that wait short.
+    let config = NetworkConfig {
+        handshake_timeout: Duration::from_millis(300),
+        reconnect_min_backoff: Duration::from_secs(10),
+        reconnect_max_backoff: Duration::from_secs(60),
+        ..test_config()
+    };
+    let (committee, keys, mut sockets) = committee(4);
+    let late_socket = sockets.pop().unwrap();
+    let (network, _inbound) = start(&config, &committee, &keys, 0, sockets.remove(0)).await;
+    network.send(ReplicaId(3), &msg(ReplicaId(0), 7, 8)).unwrap();
+    eventually("replica 0's first dial of 3 failed", || network.counters().snapshot().handshake_failed >= 1)
+        .await;
+    let (late, mut inbound) = start(&config, &committee, &keys, 3, late_socket).await;
+    let up = std::time::Instant::now();
+    let got = receive(&mut inbound, 1).await;
+    assert_eq!((got[0].0, got[0].1.seq), (ReplicaId(0), 7));
+    assert!(up.elapsed() < Duration::from_secs(3), "reached only after {:?}", up.elapsed());
+    late.shutdown().await;
+    network.shutdown().await;
+}

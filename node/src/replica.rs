@@ -615,6 +615,10 @@ where
             }
             Inbound::SnapshotOffer(from, info) => {
                 self.transfer.on_offer(from, info);
+                // A restarted replica learns here how far behind it is: start a
+                // transfer now rather than at the next tick, while block-by-block
+                // catch-up races it.
+                self.poll_state_transfer(Instant::now());
                 Ok(())
             }
             Inbound::SnapshotQuery(from) => {
@@ -927,6 +931,11 @@ where
                 let _ = self.network.broadcast(&PeerMessage::SnapshotOffer(info));
             }
         }
+        self.poll_state_transfer(now);
+    }
+
+    /// Starts a transfer when a vouched snapshot is far enough ahead, or moves one on.
+    fn poll_state_transfer(&mut self, now: Instant) {
         let before = self.transfer.in_progress();
         let fetches = self.transfer.poll(now, self.executor.height());
         if let Some(info) = self.transfer.in_progress()

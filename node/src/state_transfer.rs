@@ -176,6 +176,13 @@ impl StateTransfer {
                 self.active = None;
                 self.backoff_until = Some(now + GIVE_UP_AFTER);
                 return Vec::new();
+            } else if transfer.state.is_empty() && newest.is_some_and(|height| height > transfer.info.height)
+            {
+                // Nothing received yet and a newer snapshot is vouched for (the first
+                // offers a restarted replica reads can be stale ones its peers queued
+                // for it while it was down, and peers keep only their latest
+                // snapshots): fetch the newer one rather than wait for a stall.
+                self.active = None;
             } else if now.duration_since(transfer.last_progress) >= STALL_AFTER {
                 // Peers keep only their latest snapshots: when a newer one is vouched
                 // for, fetch that one instead.
@@ -385,6 +392,42 @@ mod tests {
         assert_eq!(again[0].request.offset, 0);
         assert!(st.poll(start + STALL_AFTER, Height(60)).is_empty(), "caught up meanwhile: abandoned");
         assert!(st.in_progress().is_none());
+    }
+
+    #[test]
+    fn a_newer_vouched_snapshot_replaces_a_transfer_that_has_received_nothing() {
+        let (old, new) = (vec![1u8; SNAPSHOT_CHUNK_BYTES + 5], vec![2u8; 40]);
+        let mut st = StateTransfer::new(2, 0);
+        let now = Instant::now();
+        for peer in [1, 2] {
+            st.on_offer(ReplicaId(peer), info(400, &old));
+        }
+        let first = st.poll(now, Height(0));
+        assert_eq!(st.in_progress().map(|i| i.height), Some(Height(400)));
+        assert!(st.poll(now, Height(0)).is_empty(), "no newer offer: the transfer goes on");
+        // Bytes arrived: a newer snapshot no longer interrupts it.
+        let ChunkOutcome::Progress(_) = st.on_chunk(first[0].to, chunk(&info(400, &old), &old, 0), now)
+        else {
+            panic!("the first chunk is progress")
+        };
+        for peer in [1, 2] {
+            st.on_offer(ReplicaId(peer), info(800, &new));
+        }
+        assert!(st.poll(now, Height(0)).is_empty());
+        assert_eq!(st.in_progress().map(|i| i.height), Some(Height(400)));
+        // A fresh transfer of a stale snapshot is replaced at once.
+        let mut st = StateTransfer::new(2, 0);
+        for peer in [1, 2] {
+            st.on_offer(ReplicaId(peer), info(400, &old));
+        }
+        st.poll(now, Height(0));
+        for peer in [1, 2] {
+            st.on_offer(ReplicaId(peer), info(800, &new));
+        }
+        let fetches = st.poll(now, Height(0));
+        assert_eq!(st.in_progress().map(|i| i.height), Some(Height(800)));
+        assert_eq!(fetches.len(), 1);
+        assert_eq!(fetches[0].request.height, Height(800));
     }
 
     #[test]
