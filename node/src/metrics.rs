@@ -6,6 +6,7 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpListener;
@@ -49,6 +50,8 @@ pub struct Metrics {
     pub byzantine: Family<Labels, Gauge>,
     pub digest_mismatches: Counter,
     pub storage_bytes: Gauge,
+    /// Seconds a protocol step's synced write took (the floor under every vote).
+    pub persist_seconds: Histogram,
     /// RocksDB's memory by kind (memtables, table readers, block cache).
     pub storage_memory: Family<Labels, Gauge>,
     /// Messages that failed verification or were refused by the protocol, by reason.
@@ -88,6 +91,8 @@ impl Default for Metrics {
             byzantine: Family::default(),
             digest_mismatches: Counter::default(),
             storage_bytes: Gauge::default(),
+            // 0.5 ms .. ~1 s.
+            persist_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 12)),
             storage_memory: Family::default(),
             refused_messages: Family::default(),
             refused_requests: Family::default(),
@@ -158,6 +163,11 @@ impl Default for Metrics {
             m.digest_mismatches.clone(),
         );
         registry.register("storage_bytes", "Bytes in RocksDB SST files", m.storage_bytes.clone());
+        registry.register(
+            "persist_seconds",
+            "Duration of a protocol step's synced RocksDB write",
+            m.persist_seconds.clone(),
+        );
         registry.register(
             "storage_memory_bytes",
             "Bytes RocksDB holds in memory, by kind",

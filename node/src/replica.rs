@@ -453,7 +453,11 @@ where
         }
         // Shared buffers (`Arc`): nothing is copied until the store's write batch.
         let refs: Vec<(Digest, &[u8])> = new_batches.iter().map(|(d, b)| (*d, b.as_slice())).collect();
+        let started = Instant::now();
         tokio::task::block_in_place(|| self.store.persist_with_batches(&actions.persist, &refs))?;
+        if !actions.persist.is_empty() || !refs.is_empty() {
+            self.metrics.persist_seconds.observe(started.elapsed().as_secs_f64());
+        }
         for (digest, _) in &new_batches {
             self.mempool.mark_persisted(digest);
         }
@@ -1264,6 +1268,14 @@ impl SnapshotWriter {
         let thread = std::thread::Builder::new()
             .name("snapshots".into())
             .spawn(move || {
+                // Encoding and hashing a large state takes a core for a while, and every
+                // replica snapshots at the same height: at the lowest CPU priority this
+                // waits for idle CPU instead of stalling the consensus path on a busy
+                // machine (where all replicas share the cores, rounds stopped for about
+                // a second at each snapshot height).
+                if let Err(e) = thread_priority::set_current_thread_priority(thread_priority::ThreadPriority::Min) {
+                    tracing::debug!(error = ?e, "could not lower the snapshot thread's priority");
+                }
                 if let Ok(Some(snapshot)) = store.snapshot() {
                     publish(&store, snapshot);
                 }

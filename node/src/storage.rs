@@ -15,7 +15,10 @@ use std::path::{Path, PathBuf};
 
 use bulwark_consensus::{Height, StoredRecord};
 use bulwark_crypto::{ChainId, Digest, codec};
-use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, Options, WriteBatch, WriteOptions};
+use rocksdb::{
+    BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, IngestExternalFileOptions,
+    Options, SstFileWriter, WriteBatch, WriteOptions,
+};
 use serde::{Deserialize, Serialize};
 
 /// Bumped when the on-disk format changes incompatibly.
@@ -34,6 +37,9 @@ const BLOCK_CACHE: usize = 32 << 20;
 const LARGE_VALUES: [&str; 2] = ["batches", "snapshot"];
 /// Values from this size on go to blob files in those column families.
 const MIN_BLOB_BYTES: u64 = 1024;
+/// Where a snapshot's table file is built before it is ingested (not a name RocksDB
+/// manages; a crash may leave it, and the next snapshot overwrites it).
+const SNAPSHOT_STAGING: &str = "snapshot-staging.sst";
 /// Largest stored value accepted when reading back.
 const MAX_RECORD_BYTES: usize = 64 << 20;
 
@@ -298,19 +304,26 @@ impl Store {
 
     /// Stores the application snapshot durably (the applied height goes with it).
     ///
-    /// The snapshot (tens of MB) bypasses the write-ahead log: a synced WAL write of it
-    /// held every other write (the core's per-block records) behind it for seconds.
-    /// It is flushed straight to a table file instead, and this returns once that file
-    /// is durable. A crash before then loses only this snapshot: the previous one stays,
-    /// and the log is replayed from it.
+    /// The snapshot (tens of MB) bypasses the write-ahead log and the memtables: a
+    /// synced WAL write of it held every other write (the core's per-block records)
+    /// behind it for seconds, and a memtable write of it pushed every column family past
+    /// the shared memtable budget and stalled those writes (and so every round, about a
+    /// second at each snapshot height) while it was flushed. It is built as a table file
+    /// beside the store (the writer syncs it) and ingested (linked in and recorded in the
+    /// synced MANIFEST); this returns once it is durable. A crash before then loses only
+    /// this snapshot: the previous one stays, and the log is replayed from it.
     pub fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<(), StorageError> {
-        let cf = self.cf("snapshot")?;
-        let mut batch = WriteBatch::default();
-        batch.put_cf(cf, b"latest", codec::encode_exact(snapshot)?);
-        let mut options = WriteOptions::default();
-        options.disable_wal(true);
-        self.db.write_opt(batch, &options)?;
-        Ok(self.db.flush_cf(cf)?)
+        let bytes = codec::encode_exact(snapshot)?;
+        let staging = self.path.join(SNAPSHOT_STAGING);
+        let mut options = Options::default();
+        options.set_compression_type(DBCompressionType::None);
+        let mut writer = SstFileWriter::create(&options);
+        writer.open(&staging)?;
+        writer.put(b"latest", &bytes)?;
+        writer.finish()?;
+        let mut ingest = IngestExternalFileOptions::default();
+        ingest.set_move_files(true);
+        Ok(self.db.ingest_external_file_cf_opts(self.cf("snapshot")?, &ingest, vec![&staging])?)
     }
 
     /// Installs a snapshot fetched from peers, atomically and durably: the snapshot,
