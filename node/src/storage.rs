@@ -397,6 +397,31 @@ mod tests {
     }
 
     #[test]
+    fn an_ingested_snapshot_replaces_the_last_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let chain = ChainId::from_name("s");
+        let snapshot = |height: u64, byte: u8| StoredSnapshot {
+            height: Height(height),
+            block: Digest([byte; 32]),
+            state_digest: Digest([byte ^ 1; 32]),
+            state: vec![byte; 8 << 20],
+        };
+        {
+            let store = Store::open(dir.path(), chain).unwrap();
+            store.save_snapshot(&snapshot(1000, 1)).unwrap();
+            store.save_snapshot(&snapshot(2000, 2)).unwrap();
+            assert_eq!(store.snapshot().unwrap(), Some(snapshot(2000, 2)));
+        }
+        // Dropped without a flush: the newest snapshot is what a restart reads, and a
+        // staging file left behind (a crash while building one) is overwritten.
+        std::fs::write(dir.path().join(SNAPSHOT_STAGING), b"torn").unwrap();
+        let store = Store::open(dir.path(), chain).unwrap();
+        assert_eq!(store.snapshot().unwrap(), Some(snapshot(2000, 2)));
+        store.save_snapshot(&snapshot(3000, 3)).unwrap();
+        assert_eq!(store.snapshot().unwrap(), Some(snapshot(3000, 3)));
+    }
+
+    #[test]
     fn records_persist_and_corruption_is_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let (committee, _) = Committee::deterministic("s", 4, 7000).unwrap();
