@@ -115,6 +115,9 @@ pub async fn run(
                     break;
                 }
                 tokio::select! {
+                    // Replies lost to overload (a full reply queue drops them) must not
+                    // keep the run waiting past its drain time.
+                    _ = tokio::time::sleep_until(drain_until.into()) => break,
                     _ = interval.tick(), if now < end => {
                         owed += per_client * 0.005;
                         while owed >= 1.0 {
