@@ -109,15 +109,17 @@ pub async fn run(
             let end = started + duration;
             let drain_until = end + Duration::from_secs(5);
             let mut counter = 0u64;
+            // Replies lost to overload (a full reply queue drops them) must not keep the
+            // run waiting past its drain time.
+            let drain = tokio::time::sleep_until(drain_until.into());
+            tokio::pin!(drain);
             loop {
                 let now = Instant::now();
                 if now >= drain_until || (now >= end && sent_at.is_empty()) {
                     break;
                 }
                 tokio::select! {
-                    // Replies lost to overload (a full reply queue drops them) must not
-                    // keep the run waiting past its drain time.
-                    _ = tokio::time::sleep_until(drain_until.into()) => break,
+                    _ = &mut drain => break,
                     _ = interval.tick(), if now < end => {
                         owed += per_client * 0.005;
                         while owed >= 1.0 {

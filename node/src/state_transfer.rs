@@ -176,20 +176,16 @@ impl StateTransfer {
                 self.active = None;
                 self.backoff_until = Some(now + GIVE_UP_AFTER);
                 return Vec::new();
-            } else if transfer.state.is_empty() && newest.is_some_and(|height| height > transfer.info.height)
+            } else if newest.is_some_and(|height| height > transfer.info.height)
+                && (transfer.state.is_empty() || now.duration_since(transfer.last_progress) >= STALL_AFTER)
             {
-                // Nothing received yet and a newer snapshot is vouched for (the first
+                // Peers keep only their latest snapshots: when a newer one is vouched
+                // for, fetch that one instead, at once if nothing arrived yet (the first
                 // offers a restarted replica reads can be stale ones its peers queued
-                // for it while it was down, and peers keep only their latest
-                // snapshots): fetch the newer one rather than wait for a stall.
+                // for it while it was down), else after a stall.
                 self.active = None;
             } else if now.duration_since(transfer.last_progress) >= STALL_AFTER {
-                // Peers keep only their latest snapshots: when a newer one is vouched
-                // for, fetch that one instead.
-                if newest.is_none_or(|height| height <= transfer.info.height) {
-                    return transfer.next_source(now);
-                }
-                self.active = None;
+                return transfer.next_source(now);
             } else {
                 return Vec::new();
             }
