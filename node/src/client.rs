@@ -7,8 +7,13 @@
 //! becomes the home (a crashed, partitioned or censoring home only delays requests);
 //! after another delay, or at once if the home rejected it, it goes to every replica.
 //! The delay is `retry_after` when nothing sent to the home was certified for that long,
-//! and otherwise three times the recent latency if that is longer, so an overloaded
-//! committee is not fed retries of requests that are merely slow.
+//! and otherwise three times the recent latency if that is longer. A request is
+//! retried only when something shows it was lost or censored: its home stopped making progress or was left, or a request sent
+//! after it was answered first (a home batches its requests in order). One that is
+//! merely slow (an overloaded committee answers in order) is not, and a home that
+//! refuses a request as busy gets it again after the delay instead of every replica
+//! getting it at once: retries past saturation would only add load, and the duplicates
+//! ordered would take the place of new transactions.
 //! Sessions execute a request once, however many replicas ordered it.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
@@ -69,6 +74,8 @@ pub struct Client {
     latency_average: f64,
     /// When a request sent to the current home was last certified (or the home chosen).
     home_progress: tokio::time::Instant,
+    /// The highest sequence answered (certified or rejected by f+1), 0 before any.
+    highest_answered: u64,
 }
 
 /// The replicas that reported one (height, outcome) for a request.
@@ -90,6 +97,8 @@ struct Outstanding {
     /// The home replica it was sent to.
     sent_home: Option<ReplicaId>,
     stage: Stage,
+    /// The home refused it as busy: it goes to the home again after the delay.
+    refused: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -192,6 +201,7 @@ impl Client {
             retry_after: Duration::from_secs(1),
             latency_average: 0.0,
             home_progress: tokio::time::Instant::now(),
+            highest_answered: 0,
         }
     }
 
@@ -238,8 +248,10 @@ impl Client {
         let now = tokio::time::Instant::now();
         self.retry_queue.push_back((sequence, now));
         let stage = if sent { Stage::Home } else { Stage::All };
-        self.outstanding
-            .insert(sequence, Outstanding { request, submitted: now, sent_home: self.home, stage });
+        self.outstanding.insert(
+            sequence,
+            Outstanding { request, submitted: now, sent_home: self.home, stage, refused: false },
+        );
         sequence
     }
 
@@ -249,23 +261,27 @@ impl Client {
         }
     }
 
-    /// The retry delay of a request in `stage` sent to `sent_home`: `retry_after` when
+    /// The retry delay of `entry`: `retry_after` when
     /// its home stopped making progress (nothing sent to it was certified for
     /// `retry_after`: crashed, partitioned or censoring) or was left already; otherwise
     /// three times the recent latency if longer (the committee is slow, not the home).
-    fn retry_delay(&self, stage: Stage, sent_home: Option<ReplicaId>, now: tokio::time::Instant) -> Duration {
-        let home_stalled = now.duration_since(self.home_progress) >= self.retry_after;
-        if stage == Stage::Home && (sent_home != self.home || home_stalled) {
+    fn retry_delay(&self, entry: &Outstanding, now: tokio::time::Instant) -> Duration {
+        if entry.stage == Stage::Home && (entry.sent_home != self.home || self.home_stalled(now)) {
             return self.retry_after;
         }
         self.retry_after.max(Duration::from_secs_f64(3.0 * self.latency_average))
+    }
+
+    /// Whether nothing sent to the current home was certified for `retry_after`.
+    fn home_stalled(&self, now: tokio::time::Instant) -> bool {
+        now.duration_since(self.home_progress) >= self.retry_after
     }
 
     /// When the retry at the front of the queue is due, if any.
     fn next_retry(&self, now: tokio::time::Instant) -> Option<tokio::time::Instant> {
         let &(sequence, sent) = self.retry_queue.front()?;
         let delay = match self.outstanding.get(&sequence) {
-            Some(entry) => self.retry_delay(entry.stage, entry.sent_home, now),
+            Some(entry) => self.retry_delay(entry, now),
             None => Duration::ZERO,
         };
         Some(sent + delay)
@@ -280,37 +296,52 @@ impl Client {
                 self.retry_queue.pop_front();
                 continue;
             };
-            if sent + self.retry_delay(entry.stage, entry.sent_home, now) > now {
+            if sent + self.retry_delay(entry, now) > now {
                 break;
             }
             self.retry_queue.pop_front();
-            let Some(entry) = self.outstanding.get(&sequence) else { continue };
+            let lost =
+                entry.sent_home != self.home || self.home_stalled(now) || self.highest_answered > sequence;
+            if !lost && !entry.refused {
+                // Merely slow: checked again after another delay, nothing sent.
+                self.retry_queue.push_back((sequence, now));
+                continue;
+            }
             let (request, stage, sent_home) = (entry.request.clone(), entry.stage, entry.sent_home);
-            let next_stage = match stage {
-                Stage::Home => {
-                    // Move the home on once per failing home, however many of its
-                    // requests time out together.
-                    if sent_home == self.home {
-                        self.rotate_home();
-                    }
-                    match self.home.filter(|h| Some(*h) != sent_home).and_then(|h| self.senders.get(&h)) {
-                        Some(next) => {
-                            let _ = next.send(request).await;
-                            Stage::Next
-                        }
-                        None => {
-                            self.send_all(&request).await;
-                            Stage::All
-                        }
-                    }
+            let next_stage = if entry.refused {
+                // Busy: the home again, a delay later.
+                if let Some(home) = self.home.and_then(|h| self.senders.get(&h)) {
+                    let _ = home.send(request).await;
                 }
-                Stage::Next | Stage::All => {
-                    self.send_all(&request).await;
-                    Stage::All
+                stage
+            } else {
+                match stage {
+                    Stage::Home => {
+                        // Move the home on once per failing home, however many of its
+                        // requests time out together.
+                        if sent_home == self.home {
+                            self.rotate_home();
+                        }
+                        match self.home.filter(|h| Some(*h) != sent_home).and_then(|h| self.senders.get(&h)) {
+                            Some(next) => {
+                                let _ = next.send(request).await;
+                                Stage::Next
+                            }
+                            None => {
+                                self.send_all(&request).await;
+                                Stage::All
+                            }
+                        }
+                    }
+                    Stage::Next | Stage::All => {
+                        self.send_all(&request).await;
+                        Stage::All
+                    }
                 }
             };
             if let Some(entry) = self.outstanding.get_mut(&sequence) {
                 entry.stage = next_stage;
+                entry.refused = false;
             }
             self.retry_queue.push_back((sequence, now));
         }
@@ -371,14 +402,19 @@ impl Client {
                 }
             };
             // A rejection from the home replica alone cannot be certified: ask everyone
-            // (another replica may accept, or f+1 confirm the rejection).
-            if matches!(reply.outcome, Outcome::Rejected(_))
+            // (another replica may accept, or f+1 confirm the rejection). Busy is
+            // backpressure instead: the home gets it again after the retry delay.
+            if let Outcome::Rejected(rejection) = &reply.outcome
                 && let Some(entry) = self.outstanding.get_mut(&reply.sequence)
                 && entry.stage != Stage::All
             {
-                entry.stage = Stage::All;
-                let request = entry.request.clone();
-                self.send_all(&request).await;
+                if *rejection == Rejection::Busy {
+                    entry.refused = entry.stage == Stage::Home;
+                } else {
+                    entry.stage = Stage::All;
+                    let request = entry.request.clone();
+                    self.send_all(&request).await;
+                }
             }
             return Ok(reply);
         }
@@ -425,6 +461,7 @@ impl Client {
         let Tally { outcome, mut replicas, .. } = entries.swap_remove(index);
         replicas.sort_unstable();
         self.tally.remove(&reply.sequence);
+        self.highest_answered = self.highest_answered.max(reply.sequence);
         if let Some(done) = self.outstanding.remove(&reply.sequence) {
             let sample = done.submitted.elapsed().as_secs_f64();
             self.latency_average = 0.9 * self.latency_average + 0.1 * sample;
@@ -510,6 +547,7 @@ mod tests {
             submitted: tokio::time::Instant::now(),
             sent_home: None,
             stage: Stage::Home,
+            refused: false,
         };
         let mut client = Client::new(7, 2, senders, replies);
         client.outstanding.insert(1, outstanding);
@@ -545,6 +583,102 @@ mod tests {
         // Certified once: later replies for it are ignored.
         assert!(client.count(reply(2, b"ok")).is_none());
         assert!(client.tally.is_empty());
+    }
+
+    /// What the client sent since the last call, as (replica, sequence).
+    fn sent(receivers: &mut BTreeMap<u16, mpsc::Receiver<Request>>) -> Vec<(u16, u64)> {
+        let mut out = Vec::new();
+        for (replica, rx) in receivers.iter_mut() {
+            while let Ok(request) = rx.try_recv() {
+                out.push((*replica, request.sequence));
+            }
+        }
+        out
+    }
+
+    fn answer(
+        client: &mut Client,
+        sequence: u64,
+        outcome: Outcome,
+        from: &[u16],
+    ) -> Option<Result<Certified, Rejection>> {
+        from.iter()
+            .map(|r| Reply {
+                client: 7,
+                sequence,
+                replica: ReplicaId(*r),
+                height: Height(3),
+                outcome: outcome.clone(),
+            })
+            .fold(None, |done, reply| done.or(client.count(reply)))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_follow_lost_requests_but_add_no_load_to_a_slow_committee() {
+        let (_, replies) = mpsc::channel(1);
+        let mut receivers = BTreeMap::new();
+        let senders = (0..4u16)
+            .map(|i| {
+                let (tx, rx) = mpsc::channel(16);
+                receivers.insert(i, rx);
+                (ReplicaId(i), tx)
+            })
+            .collect();
+        let mut client = Client::new(7, 2, senders, replies);
+        client.set_home(ReplicaId(0));
+        let (one, two) = (client.submit(vec![1]).await, client.submit(vec![2]).await);
+        assert_eq!(sent(&mut receivers), vec![(0, one), (0, two)]);
+
+        // Past the retry delay, but the home makes progress and nothing sent later was
+        // answered: an overloaded committee, not a lost request. Nothing is resent.
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        client.home_progress = tokio::time::Instant::now();
+        client.resend_due().await;
+        assert_eq!(sent(&mut receivers), vec![]);
+
+        // Request two is certified before one: one was lost (or censored) at the home,
+        // so once its delay passes it goes to the next replica.
+        assert!(answer(&mut client, two, Outcome::Executed(vec![]), &[0, 1]).is_some());
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        client.home_progress = tokio::time::Instant::now();
+        client.resend_due().await;
+        assert_eq!(sent(&mut receivers), vec![(1, one)]);
+        assert_eq!(client.home(), Some(ReplicaId(1)));
+
+        // The home refuses a request as busy: not fanned out to every replica (that
+        // would add load where there is too much), but sent to the home again later.
+        let three = client.submit(vec![3]).await;
+        assert_eq!(sent(&mut receivers), vec![(1, three)]);
+        client.inbox.push_back(Reply {
+            client: 7,
+            sequence: three,
+            replica: ReplicaId(1),
+            height: Height(0),
+            outcome: Outcome::Rejected(Rejection::Busy),
+        });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        let busy = client.next_reply(deadline).await.unwrap();
+        assert!(client.count(busy).is_none(), "one replica's refusal certifies nothing");
+        assert_eq!(sent(&mut receivers), vec![]);
+        tokio::time::advance(Duration::from_millis(3500)).await;
+        client.home_progress = tokio::time::Instant::now();
+        client.resend_due().await;
+        let resent = sent(&mut receivers);
+        assert!(resent.contains(&(1, three)), "{resent:?}");
+        assert!(!resent.iter().any(|(r, s)| *s == three && *r != 1), "{resent:?}");
+
+        // Any other rejection is fanned out at once: f + 1 replicas must confirm it.
+        let four = client.submit(vec![4]).await;
+        sent(&mut receivers);
+        client.inbox.push_back(Reply {
+            client: 7,
+            sequence: four,
+            replica: ReplicaId(1),
+            height: Height(0),
+            outcome: Outcome::Rejected(Rejection::TooOld { sequence: four }),
+        });
+        client.next_reply(deadline).await.unwrap();
+        assert_eq!(sent(&mut receivers), vec![(0, four), (1, four), (2, four), (3, four)]);
     }
 
     #[tokio::test]

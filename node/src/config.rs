@@ -88,7 +88,7 @@ impl Default for RuntimeSection {
             max_batch_txs: runtime.max_batch_txs,
             idle_proposal_delay_ms: runtime.idle_proposal_delay.as_millis() as u64,
             mempool_max_txs: runtime.mempool_max_txs,
-            snapshot_every: 1000,
+            snapshot_every: 4000,
             state_transfer_lag: runtime.state_transfer_lag,
         }
     }

@@ -321,7 +321,7 @@ async fn replica_far_behind_installs_a_snapshot(protocol: ProtocolKind) {
     let runtime = RuntimeConfig { idle_proposal_delay: Duration::from_millis(1), ..RuntimeConfig::default() };
     let timeouts = TimeoutPolicy { base_ms: 60, max_ms: 600 };
     // Snapshots every 50 blocks at 100+ blocks a second would replace each other faster
-    // than offers travel (real deployments snapshot every 1,000 at a few dozen a second).
+    // than offers travel (the default snapshots every 4,000, at up to a few hundred a second).
     let mut cluster = Cluster::start_tuned(4, AppKind::Kv, protocol, runtime, timeouts, 400).await;
     let started = std::time::Instant::now();
     let mut client = cluster.client().await;
