@@ -232,6 +232,9 @@ enum ClientOp {
 /// encodings, batches and replies stayed in its arenas and the resident size crept up
 /// for minutes while the live heap was flat (heaptrack: 187 MB live at 60 s, 183 MB at
 /// 200 s; docs/PERFORMANCE.md, "Memory"). mimalloc returns freed pages to the system.
+/// Built without transparent huge pages (`no_thp`): the first touch of each 2 MiB region
+/// cleared all of it, and on a VM whose memory the host backs lazily that cost a fresh
+/// replica a second or more of both cores while its heap grew under load.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -547,12 +547,13 @@ where
             }
             self.remember_reply((tx.client, tx.sequence), reply);
         }
-        for (client, replies) in by_client {
-            for chunk in replies.chunks(MAX_REPLIES_PER_FRAME) {
-                let chunk = chunk.to_vec();
+        for (client, mut replies) in by_client {
+            while !replies.is_empty() {
+                let rest = replies.split_off(replies.len().min(MAX_REPLIES_PER_FRAME));
                 for (_, sender) in self.sessions.get(&client).into_iter().flatten() {
-                    let _ = sender.send(&chunk);
+                    let _ = sender.send(&replies);
                 }
+                replies = rest;
             }
         }
         // What the executed log covers is no longer in flight (abandoned forks too).
