@@ -35,6 +35,8 @@ pub struct BenchReport {
     /// Per second of the run (by submit time): what committed and how long it took.
     /// Shows stalls (a snapshot, a view change) that the percentiles only hint at.
     pub timeline: Vec<Second>,
+    /// Why load clients stopped early, if any did (each stopped client's error).
+    pub client_errors: Vec<String>,
 }
 
 /// The transactions submitted in one second of a run.
@@ -55,6 +57,7 @@ pub struct Measured {
     pub latencies_us: Vec<u64>,
     pub duration_s: f64,
     pub timeline: Vec<Second>,
+    pub client_errors: Vec<String>,
 }
 
 struct ClientLoad {
@@ -63,6 +66,7 @@ struct ClientLoad {
     latencies_us: Vec<u64>,
     /// Per second of submit time: (committed, latency sum µs, latency max µs).
     seconds: Vec<(u64, u64, u64)>,
+    error: Option<String>,
 }
 
 /// The load a benchmark offers.
@@ -102,7 +106,13 @@ pub async fn run(
         let per_client = rate as f64 / clients as f64;
         let committed = committed.clone();
         tasks.push(tokio::spawn(async move {
-            let mut load = ClientLoad { submitted: 0, rejected: 0, latencies_us: Vec::new(), seconds: Vec::new() };
+            let mut load = ClientLoad {
+                submitted: 0,
+                rejected: 0,
+                latencies_us: Vec::new(),
+                seconds: Vec::new(),
+                error: None,
+            };
             let mut sent_at = std::collections::HashMap::new();
             let mut interval = tokio::time::interval(Duration::from_millis(5));
             let mut owed = 0.0;
@@ -153,7 +163,10 @@ pub async fn run(
                             }
                         }
                         Ok(Err(_)) => load.rejected += 1,
-                        Err(_) => break,
+                        Err(e) => {
+                            load.error = Some(format!("client {c}: {e}"));
+                            break;
+                        }
                     },
                 }
             }
@@ -173,8 +186,10 @@ pub async fn run(
     let mut rejected = 0;
     let mut latencies = Vec::new();
     let mut seconds: Vec<(u64, u64, u64)> = Vec::new();
+    let mut client_errors = Vec::new();
     for task in tasks {
         let load = task.await?;
+        client_errors.extend(load.error);
         submitted += load.submitted;
         rejected += load.rejected;
         latencies.extend(load.latencies_us);
@@ -202,6 +217,7 @@ pub async fn run(
         latencies_us: latencies,
         duration_s: duration.as_secs_f64(),
         timeline,
+        client_errors,
     })
 }
 
@@ -214,7 +230,8 @@ pub fn report(
     cpu_seconds_per_node: Vec<f64>,
     load_generator_cpu_seconds: f64,
 ) -> BenchReport {
-    let Measured { submitted, rejected, latencies_us: mut latencies, duration_s, timeline } = measured;
+    let Measured { submitted, rejected, latencies_us: mut latencies, duration_s, timeline, client_errors } =
+        measured;
     let committed = latencies.len() as u64;
     latencies.sort_unstable();
     let pick = |q: f64| -> f64 {
@@ -247,6 +264,7 @@ pub fn report(
         cpu_seconds_per_node,
         load_generator_cpu_seconds,
         timeline,
+        client_errors,
     }
 }
 

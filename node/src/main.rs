@@ -649,10 +649,18 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         let own = bulwark_node::bench::process_cpu_seconds(std::process::id()).unwrap_or(0.0) - own_before;
         measured.map(|m| bulwark_node::bench::report(nodes, tx_size, rate, m, cpu, own))
     });
-    if let Some((_, mut children)) = fresh {
+    let failed = result.as_ref().map_or(true, |r| !r.client_errors.is_empty() || r.committed < r.submitted);
+    if let Some((temp, mut children)) = fresh {
         stop_replicas(&mut children);
+        if failed {
+            // What went wrong is in the replicas' logs and stores: keep them.
+            eprintln!("not every request was answered: the testnet is kept in {}", temp.keep().display());
+        }
     }
     let report = result?;
+    for error in &report.client_errors {
+        eprintln!("a load client stopped early: {error}");
+    }
     if !json {
         println!(
             "{} replicas, {} B txs, offered {} tx/s for {} s: committed {:.0} tx/s ({} of {} submitted, {} rejected)",

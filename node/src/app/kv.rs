@@ -1,6 +1,9 @@
 //! The key-value store: put, get, delete, compare-and-swap and range.
 
+use std::ops::Bound;
+
 use bulwark_crypto::{Digest, Hasher, codec};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use super::{QueryError, Receipt, RestoreError, SnapshotJob, StateMachine, Transaction};
@@ -71,9 +74,13 @@ impl KvResult {
     }
 }
 
+/// Keys and values are shared byte strings: a snapshot freezes the map by an O(1)
+/// clone, and each write afterwards copies the tree node it changes (up to 64 entries)
+/// while the snapshot is encoded; copying an entry is then two reference counts, not
+/// two allocations and a value's bytes. They also encode as one byte string each.
 #[derive(Default)]
 pub struct KvStore {
-    entries: imbl::OrdMap<Vec<u8>, Vec<u8>>,
+    entries: imbl::OrdMap<Bytes, Bytes>,
     digest: Digest,
 }
 
@@ -89,16 +96,16 @@ impl KvStore {
                 KvResult::Invalid(format!("value of {} bytes exceeds {MAX_VALUE_BYTES}", value.len()))
             }
             KvOp::Put { key, value } => {
-                self.entries.insert(key, value);
+                self.entries.insert(key.into(), value.into());
                 KvResult::Done
             }
-            KvOp::Get { key } => KvResult::Value(self.entries.get(&key).cloned()),
-            KvOp::Delete { key } => KvResult::Value(self.entries.remove(&key)),
+            KvOp::Get { key } => KvResult::Value(self.value(&key)),
+            KvOp::Delete { key } => KvResult::Value(self.entries.remove(key.as_slice()).map(Vec::from)),
             KvOp::CompareAndSwap { key, expected, new } => {
-                let previous = self.entries.get(&key).cloned();
+                let previous = self.value(&key);
                 let swapped = previous == expected;
                 if swapped {
-                    self.entries.insert(key, new);
+                    self.entries.insert(key.into(), new.into());
                 }
                 KvResult::Swapped { swapped, previous }
             }
@@ -106,14 +113,18 @@ impl KvStore {
         }
     }
 
+    fn value(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.entries.get(key).map(|v| v.to_vec())
+    }
+
     fn range(&self, start: &[u8], end: &[u8], limit: u32) -> Vec<(Vec<u8>, Vec<u8>)> {
         if start >= end {
             return Vec::new();
         }
         self.entries
-            .range(start.to_vec()..end.to_vec())
+            .range::<_, [u8]>((Bound::Included(start), Bound::Excluded(end)))
             .take(limit.min(MAX_RANGE_ENTRIES) as usize)
-            .map(|(k, v)| (k.clone(), v.clone()))
+            .map(|(k, v)| (k.to_vec(), v.to_vec()))
             .collect()
     }
 }
@@ -145,7 +156,7 @@ impl StateMachine for KvStore {
         let op: KvOp = codec::decode(request, MAX_VALUE_BYTES + MAX_KEY_BYTES + 64)
             .map_err(|e| QueryError::Malformed(e.to_string()))?;
         let result = match op {
-            KvOp::Get { key } => KvResult::Value(self.entries.get(&key).cloned()),
+            KvOp::Get { key } => KvResult::Value(self.value(&key)),
             KvOp::Range { start, end, limit } => KvResult::Entries(self.range(&start, &end, limit)),
             _ => return Err(QueryError::Malformed("only get and range can be read locally".into())),
         };
