@@ -113,7 +113,7 @@ pub async fn run(
                 seconds: Vec::new(),
                 error: None,
             };
-            let mut sent_at = std::collections::HashMap::new();
+            let mut sent_at = crate::FastMap::default();
             let mut interval = tokio::time::interval(Duration::from_millis(5));
             let mut owed = 0.0;
             let end = started + duration;

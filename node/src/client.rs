@@ -16,7 +16,7 @@
 //! ordered would take the place of new transactions.
 //! Sessions execute a request once, however many replicas ordered it.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -25,6 +25,7 @@ use bulwark_crypto::{Committee, KeyPair, ReplicaId};
 use bulwark_network::{ClientConnection, NetworkConfig};
 use tokio::sync::mpsc;
 
+use crate::FastMap;
 use crate::wire::{Outcome, Rejection, Replies, Reply, Request, RequestKind, client_id_of};
 
 #[derive(Debug, thiserror::Error)]
@@ -60,11 +61,11 @@ pub struct Client {
     /// Replies received and not looked at yet.
     inbox: VecDeque<Reply>,
     /// Replies so far per sequence, one entry per distinct (height, outcome).
-    tally: HashMap<u64, Vec<Tally>>,
+    tally: FastMap<u64, Vec<Tally>>,
     /// The replica requests go to first.
     home: Option<ReplicaId>,
     /// Submitted requests not certified yet. Replies for any other sequence are ignored.
-    outstanding: HashMap<u64, Outstanding>,
+    outstanding: FastMap<u64, Outstanding>,
     /// Sequences in the order they are due for a retry, with when they were last sent.
     retry_queue: VecDeque<(u64, tokio::time::Instant)>,
     pub timeout: Duration,
@@ -193,9 +194,9 @@ impl Client {
             senders,
             replies,
             inbox: VecDeque::new(),
-            tally: HashMap::new(),
+            tally: FastMap::default(),
             home,
-            outstanding: HashMap::new(),
+            outstanding: FastMap::default(),
             retry_queue: VecDeque::new(),
             timeout: Duration::from_secs(10),
             retry_after: Duration::from_secs(1),

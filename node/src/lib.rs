@@ -15,3 +15,10 @@ pub mod status;
 pub mod storage;
 pub mod testnet;
 pub mod wire;
+
+/// Hash maps and sets on the per-transaction paths (replies, sessions, the mempool, the
+/// client's tallies). Their keys (client ids, sequence numbers, digests) are chosen by
+/// clients and peers, so the hasher stays keyed at random per process (aHash), at a
+/// fraction of the default SipHash's cost.
+pub(crate) type FastMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+pub(crate) type FastSet<K> = std::collections::HashSet<K, ahash::RandomState>;

@@ -15,6 +15,7 @@ use bulwark_crypto::{Digest, ReplicaId};
 
 use crate::app::Transaction;
 use crate::wire::{MAX_BATCH_BYTES, TX_ENVELOPE_BYTES, batch_digest, encode_batch};
+use crate::{FastMap, FastSet};
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Admission {
@@ -87,16 +88,16 @@ pub struct Mempool {
     open_bytes: usize,
     open_since: Option<Instant>,
     /// Keys of this replica's own pending transactions, open or sealed.
-    own_keys: HashSet<(u64, u64)>,
+    own_keys: FastSet<(u64, u64)>,
     own_bytes: usize,
-    batches: HashMap<Digest, PendingBatch>,
+    batches: FastMap<Digest, PendingBatch>,
     by_order: BTreeMap<u64, Digest>,
     /// This replica's own pending batches, in the order they were sealed.
     own_order: BTreeMap<u64, Digest>,
     next_order: u64,
     /// Per peer: bytes charged and batches held.
     peer_usage: HashMap<ReplicaId, (usize, usize)>,
-    executed: HashSet<Digest>,
+    executed: FastSet<Digest>,
     executed_order: VecDeque<Digest>,
 }
 
@@ -109,14 +110,14 @@ impl Mempool {
             open: Vec::new(),
             open_bytes: 0,
             open_since: None,
-            own_keys: HashSet::new(),
+            own_keys: FastSet::default(),
             own_bytes: 0,
-            batches: HashMap::new(),
+            batches: FastMap::default(),
             by_order: BTreeMap::new(),
             own_order: BTreeMap::new(),
             next_order: 0,
             peer_usage: HashMap::new(),
-            executed: HashSet::new(),
+            executed: FastSet::default(),
             executed_order: VecDeque::new(),
         }
     }

@@ -27,6 +27,7 @@ use bulwark_crypto::{Committee, Digest, ReplicaId, Verified, codec};
 use bulwark_network::{ClientRequest, ReplicaNetwork, ReplySender};
 use tokio::sync::{mpsc, watch};
 
+use crate::FastMap;
 use crate::app::{StateMachine, Transaction};
 use crate::executor::{Executor, checked_batch};
 use crate::mempool::{Admission, BatchAdmission, Mempool, MempoolLimits};
@@ -240,11 +241,11 @@ pub struct Runtime<P: Protocol, A: StateMachine> {
     /// The other replicas, for the per-peer gauges.
     peers: Vec<ReplicaId>,
     /// Where each client's replies go: its sessions (connection number, sender).
-    sessions: HashMap<u64, Vec<(u64, ReplySender<Replies>)>>,
+    sessions: FastMap<u64, Vec<(u64, ReplySender<Replies>)>>,
     /// Sessions per connection number, and when closed sessions were last dropped.
     per_connection: HashMap<u64, usize>,
     sessions_pruned: Instant,
-    replies: HashMap<(u64, u64), Reply>,
+    replies: FastMap<(u64, u64), Reply>,
     reply_order: VecDeque<(u64, u64)>,
     /// Batches of stored, not yet executed blocks: digest -> (parent, height, batches).
     pending_chain: HashMap<Digest, InFlight>,
@@ -322,10 +323,10 @@ where
             metrics,
             status,
             peers,
-            sessions: HashMap::new(),
+            sessions: FastMap::default(),
             per_connection: HashMap::new(),
             sessions_pruned: Instant::now(),
-            replies: HashMap::new(),
+            replies: FastMap::default(),
             reply_order: VecDeque::new(),
             pending_chain: HashMap::new(),
             payload_wanted: None,
@@ -533,7 +534,7 @@ where
         self.metrics.transactions_executed.inc_by(outcome.executed.len() as u64);
         self.metrics.duplicate_transactions.inc_by(outcome.duplicates as u64);
         // One frame per client per block, with all its replies.
-        let mut by_client: HashMap<u64, Replies> = HashMap::new();
+        let mut by_client: FastMap<u64, Replies> = FastMap::default();
         for (tx, receipt) in outcome.executed {
             let reply = Reply {
                 client: tx.client,
