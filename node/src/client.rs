@@ -8,12 +8,12 @@
 //! after another delay, or at once if the home rejected it, it goes to every replica.
 //! The delay is `retry_after` when nothing sent to the home was certified for that long,
 //! and otherwise three times the recent latency if that is longer. A request is
-//! retried only when something shows it was lost or censored: its home stopped making progress or was left, or a request sent
-//! after it was answered first (a home batches its requests in order). One that is
-//! merely slow (an overloaded committee answers in order) is not, and a home that
-//! refuses a request as busy gets it again after the delay instead of every replica
-//! getting it at once: retries past saturation would only add load, and the duplicates
-//! ordered would take the place of new transactions.
+//! retried only when something shows it was lost or censored: its home stopped making
+//! progress or was left, or a request sent after it was answered first (a home batches
+//! its requests in order). One that is merely slow (an overloaded committee answers in
+//! order) is not, and a home that refuses a request as busy gets it again after the
+//! delay instead of every replica getting it at once: retries past saturation would
+//! only add load, and the duplicates ordered would take the place of new transactions.
 //! Sessions execute a request once, however many replicas ordered it.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -262,10 +262,10 @@ impl Client {
         }
     }
 
-    /// The retry delay of `entry`: `retry_after` when
-    /// its home stopped making progress (nothing sent to it was certified for
-    /// `retry_after`: crashed, partitioned or censoring) or was left already; otherwise
-    /// three times the recent latency if longer (the committee is slow, not the home).
+    /// The retry delay of `entry`: `retry_after` when its home stopped making progress
+    /// (nothing sent to it was certified for `retry_after`: crashed, partitioned or
+    /// censoring) or was left already; otherwise three times the recent latency if
+    /// longer (the committee is slow, not the home).
     fn retry_delay(&self, entry: &Outstanding, now: tokio::time::Instant) -> Duration {
         if entry.stage == Stage::Home && (entry.sent_home != self.home || self.home_stalled(now)) {
             return self.retry_after;
