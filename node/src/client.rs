@@ -614,8 +614,11 @@ mod tests {
             .fold(None, |done, reply| done.or(client.count(reply)))
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn retries_follow_lost_requests_but_add_no_load_to_a_slow_committee() {
+        // Real time, scaled down: retries are due 100 ms after a send, and each wait
+        // below is longer (a slow machine only makes more of them due).
+        let wait = || tokio::time::sleep(Duration::from_millis(150));
         let (_, replies) = mpsc::channel(1);
         let mut receivers = BTreeMap::new();
         let senders = (0..4u16)
@@ -626,13 +629,14 @@ mod tests {
             })
             .collect();
         let mut client = Client::new(7, 2, senders, replies);
+        client.retry_after = Duration::from_millis(100);
         client.set_home(ReplicaId(0));
         let (one, two) = (client.submit(vec![1]).await, client.submit(vec![2]).await);
         assert_eq!(sent(&mut receivers), vec![(0, one), (0, two)]);
 
         // Past the retry delay, but the home makes progress and nothing sent later was
         // answered: an overloaded committee, not a lost request. Nothing is resent.
-        tokio::time::advance(Duration::from_millis(1500)).await;
+        wait().await;
         client.home_progress = tokio::time::Instant::now();
         client.resend_due().await;
         assert_eq!(sent(&mut receivers), vec![]);
@@ -640,11 +644,12 @@ mod tests {
         // Request two is certified before one: one was lost (or censored) at the home,
         // so once its delay passes it goes to the next replica.
         assert!(answer(&mut client, two, Outcome::Executed(vec![]), &[0, 1]).is_some());
-        tokio::time::advance(Duration::from_millis(1500)).await;
+        wait().await;
         client.home_progress = tokio::time::Instant::now();
         client.resend_due().await;
         assert_eq!(sent(&mut receivers), vec![(1, one)]);
         assert_eq!(client.home(), Some(ReplicaId(1)));
+        assert!(answer(&mut client, one, Outcome::Executed(vec![]), &[1, 2]).is_some());
 
         // The home refuses a request as busy: not fanned out to every replica (that
         // would add load where there is too much), but sent to the home again later.
@@ -658,15 +663,17 @@ mod tests {
             outcome: Outcome::Rejected(Rejection::Busy),
         });
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        client.home_progress = tokio::time::Instant::now();
         let busy = client.next_reply(deadline).await.unwrap();
         assert!(client.count(busy).is_none(), "one replica's refusal certifies nothing");
         assert_eq!(sent(&mut receivers), vec![]);
-        tokio::time::advance(Duration::from_millis(3500)).await;
+        wait().await;
         client.home_progress = tokio::time::Instant::now();
         client.resend_due().await;
         let resent = sent(&mut receivers);
         assert!(resent.contains(&(1, three)), "{resent:?}");
         assert!(!resent.iter().any(|(r, s)| *s == three && *r != 1), "{resent:?}");
+        assert!(answer(&mut client, three, Outcome::Executed(vec![]), &[1, 2]).is_some());
 
         // Any other rejection is fanned out at once: f + 1 replicas must confirm it.
         let four = client.submit(vec![4]).await;
@@ -678,6 +685,7 @@ mod tests {
             height: Height(0),
             outcome: Outcome::Rejected(Rejection::TooOld { sequence: four }),
         });
+        client.home_progress = tokio::time::Instant::now();
         client.next_reply(deadline).await.unwrap();
         assert_eq!(sent(&mut receivers), vec![(0, four), (1, four), (2, four), (3, four)]);
     }
