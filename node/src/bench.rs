@@ -124,8 +124,9 @@ pub async fn run(
             let drain = tokio::time::sleep_until(drain_until.into());
             tokio::pin!(drain);
             loop {
+                // Past the drain time the pinned `drain` below ends the loop.
                 let now = Instant::now();
-                if now >= drain_until || (now >= end && sent_at.is_empty()) {
+                if now >= end && sent_at.is_empty() {
                     break;
                 }
                 tokio::select! {
