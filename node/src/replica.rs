@@ -533,26 +533,26 @@ where
         self.metrics.height.set(outcome.height.0 as i64);
         self.metrics.transactions_executed.inc_by(outcome.executed.len() as u64);
         self.metrics.duplicate_transactions.inc_by(outcome.duplicates as u64);
-        // One frame per client per block, with all its replies.
+        // One frame per client per block, with all its replies; then each reply moves
+        // into the cache (answers retries) without a copy.
         let mut by_client: FastMap<u64, Replies> = FastMap::default();
         for (tx, receipt) in outcome.executed {
-            let reply = Reply {
+            by_client.entry(tx.client).or_default().push(Reply {
                 client: tx.client,
                 sequence: tx.sequence,
                 replica: self.me,
                 height: outcome.height,
                 outcome: Outcome::Executed(receipt.0),
-            };
-            if self.sessions.contains_key(&tx.client) {
-                by_client.entry(tx.client).or_default().push(reply.clone());
-            }
-            self.remember_reply((tx.client, tx.sequence), reply);
+            });
         }
         for (client, mut replies) in by_client {
             while !replies.is_empty() {
                 let rest = replies.split_off(replies.len().min(MAX_REPLIES_PER_FRAME));
                 for (_, sender) in self.sessions.get(&client).into_iter().flatten() {
                     let _ = sender.send(&replies);
+                }
+                for reply in replies {
+                    self.remember_reply((reply.client, reply.sequence), reply);
                 }
                 replies = rest;
             }
