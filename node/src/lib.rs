@@ -2,6 +2,7 @@
 //! the client protocol and library, and metrics.
 
 pub mod app;
+pub mod batch_log;
 pub mod bench;
 pub mod client;
 pub mod config;

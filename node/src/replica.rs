@@ -777,7 +777,7 @@ where
     fn has_batch(&self, digest: &Digest) -> bool {
         self.mempool.contains(digest)
             || self.mempool.was_executed(digest)
-            || self.store.batch(digest).is_ok_and(|b| b.is_some())
+            || self.store.has_batch(digest).unwrap_or(false)
     }
 
     /// Feeds a message to the core if this replica holds every batch it names;

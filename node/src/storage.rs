@@ -8,8 +8,10 @@
 //! - `safety`: the latest safety record;
 //! - `log`: committed height -> block digest;
 //! - `snapshot`: the latest application snapshot with its height;
-//! - `batches`: transaction batches by digest, written with the first chain record
-//!   that names them (so a block is never durable without its transactions).
+//! - `batches`: where each transaction batch is in the batch log ([`crate::batch_log`],
+//!   beside RocksDB), by digest, written with the first chain record that names it
+//!   (after the batch's bytes are durable, so a block is never durable without its
+//!   transactions).
 
 use std::path::{Path, PathBuf};
 
@@ -21,8 +23,10 @@ use rocksdb::{
 };
 use serde::{Deserialize, Serialize};
 
+use crate::batch_log::{BatchLocation, BatchLog, SEGMENT_BYTES, direct_io_supported};
+
 /// Bumped when the on-disk format changes incompatibly.
-pub const STORAGE_VERSION: u32 = 2;
+pub const STORAGE_VERSION: u32 = 3;
 const CFS: [&str; 6] = ["meta", "chain", "safety", "log", "snapshot", "batches"];
 /// Bytes of memtables (writes not yet flushed to files) across all column families.
 const MEMTABLE_BUDGET: usize = 64 << 20;
@@ -34,14 +38,14 @@ const SMALL_MEMTABLE: usize = 2 << 20;
 /// so table readers' memory is bounded by it instead of growing with the files.
 const BLOCK_CACHE: usize = 32 << 20;
 /// Column families whose values are large and written once: stored in blob files.
-const LARGE_VALUES: [&str; 2] = ["batches", "snapshot"];
+const LARGE_VALUES: [&str; 1] = ["snapshot"];
+/// The batch log's directory, inside the store's.
+const BATCH_LOG_DIR: &str = "batches";
 /// Values from this size on go to blob files in those column families.
 const MIN_BLOB_BYTES: u64 = 1024;
 /// Where a snapshot's table file is built before it is ingested (not a name RocksDB
 /// manages; a crash may leave it, and the next snapshot overwrites it).
 const SNAPSHOT_STAGING: &str = "snapshot-staging.sst";
-/// A file made and removed at open to learn whether the directory allows direct I/O.
-const DIRECT_IO_PROBE: &str = "direct-io-probe";
 /// Write-ahead log files kept for reuse once their memtables are flushed.
 const WAL_FILES_RECYCLED: usize = 4;
 /// Largest stored value accepted when reading back.
@@ -61,6 +65,8 @@ pub enum StorageError {
     Corrupt { cf: &'static str, key: String, reason: String },
     #[error("rocksdb: {0}")]
     Db(#[from] rocksdb::Error),
+    #[error("batch log at {path}: {source}")]
+    BatchLog { path: PathBuf, source: std::io::Error },
     #[error("encoding: {0}")]
     Encode(#[from] codec::CodecError),
 }
@@ -84,6 +90,7 @@ pub struct StoredSnapshot {
 pub struct Store {
     db: DB,
     cache: Cache,
+    batch_log: BatchLog,
     path: PathBuf,
 }
 
@@ -143,7 +150,10 @@ impl Store {
         });
         let db = DB::open_cf_descriptors(&options, path, cfs)
             .map_err(|e| StorageError::Open { path: path.to_path_buf(), reason: e.to_string() })?;
-        let store = Store { db, cache, path: path.to_path_buf() };
+        let log_dir = path.join(BATCH_LOG_DIR);
+        let batch_log = BatchLog::open(&log_dir, SEGMENT_BYTES)
+            .map_err(|source| StorageError::BatchLog { path: log_dir, source })?;
+        let store = Store { db, cache, batch_log, path: path.to_path_buf() };
         let expected = Meta { chain_id: chain.0, version: STORAGE_VERSION };
         match store.get::<Meta>("meta", b"meta")? {
             None => store.put_synced("meta", b"meta", &expected)?,
@@ -216,8 +226,9 @@ impl Store {
         self.persist_with_batches(records, &[])
     }
 
-    /// [`Store::persist`], with the transaction batches the records name written in
-    /// the same atomic, synced write.
+    /// [`Store::persist`], with the transaction batches the records name: their bytes
+    /// appended to the batch log and synced first, their locations then written in the
+    /// same atomic, synced write as the records.
     pub fn persist_with_batches<R: StoredRecord>(
         &self,
         records: &[R],
@@ -226,12 +237,10 @@ impl Store {
         if records.is_empty() && batches.is_empty() {
             return Ok(());
         }
-        // Sized up front: a block's batches can be megabytes, and growing the write
-        // batch by doubling copied them again and faulted in fresh pages at each step.
-        let capacity = batches.iter().map(|(_, bytes)| bytes.len() + 64).sum::<usize>() + 4096;
-        let mut batch = WriteBatch::with_capacity_bytes(capacity);
-        for (digest, bytes) in batches {
-            batch.put_cf(self.cf("batches")?, digest.as_bytes(), bytes);
+        let locations = self.batch_log.append(batches).map_err(|source| self.batch_log_error(source))?;
+        let mut batch = WriteBatch::default();
+        for ((digest, _), at) in batches.iter().zip(&locations) {
+            batch.put_cf(self.cf("batches")?, digest.as_bytes(), codec::encode(at)?);
         }
         for record in records {
             let bytes = codec::encode(record)?;
@@ -243,9 +252,25 @@ impl Store {
         self.write(batch, true)
     }
 
-    /// A stored transaction batch (its encoded bytes; they hash to `digest`).
+    fn batch_log_error(&self, source: std::io::Error) -> StorageError {
+        StorageError::BatchLog { path: self.path.join(BATCH_LOG_DIR), source }
+    }
+
+    /// A stored transaction batch (its encoded bytes, not checked against `digest`:
+    /// see [`crate::executor::checked_batch`]). A location whose bytes cannot be read
+    /// is a corrupted store.
     pub fn batch(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StorageError> {
-        Ok(self.db.get_cf(self.cf("batches")?, digest.as_bytes())?)
+        let Some(at) = self.get::<BatchLocation>("batches", digest.as_bytes())? else { return Ok(None) };
+        self.batch_log.read(&at).map(Some).map_err(|e| StorageError::Corrupt {
+            cf: "batches",
+            key: digest.to_string(),
+            reason: format!("its bytes at {at:?} in the batch log cannot be read: {e}"),
+        })
+    }
+
+    /// Whether the store holds the batch `digest` (its location; the bytes are not read).
+    pub fn has_batch(&self, digest: &Digest) -> Result<bool, StorageError> {
+        Ok(self.db.get_pinned_cf(self.cf("batches")?, digest.as_bytes())?.is_some())
     }
 
     /// The latest safety record, if any.
@@ -366,14 +391,15 @@ impl Store {
         self.get_limited("snapshot", b"latest", crate::app::MAX_SNAPSHOT_BYTES + 4096)
     }
 
-    /// Approximate bytes on disk (table and blob files), for metrics.
+    /// Approximate bytes on disk (table and blob files, the batch log), for metrics.
     pub fn size_bytes(&self) -> u64 {
         let files = ["rocksdb.total-sst-files-size", "rocksdb.total-blob-file-size"];
         CFS.iter()
             .filter_map(|name| self.db.cf_handle(name))
             .flat_map(|cf| files.map(|property| (cf, property)))
             .filter_map(|(cf, property)| self.db.property_int_value_cf(cf, property).ok().flatten())
-            .sum()
+            .sum::<u64>()
+            + self.batch_log.bytes()
     }
 
     /// What RocksDB holds in memory (memtables, table readers, block cache).
@@ -387,26 +413,6 @@ impl Store {
             Err(_) => StorageMemory::default(),
         }
     }
-}
-
-/// Whether files in `dir` can be opened for direct I/O (tmpfs before Linux 6.6, for
-/// one, refuses it; so would a flush there, which would fail the store).
-fn direct_io_supported(dir: &Path) -> bool {
-    use std::os::unix::fs::OpenOptionsExt;
-    let probe = dir.join(DIRECT_IO_PROBE);
-    let supported = std::fs::create_dir_all(dir).is_ok()
-        && std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(&probe)
-            .is_ok();
-    let _ = std::fs::remove_file(&probe);
-    if !supported {
-        tracing::info!(dir = %dir.display(), "no direct I/O here: table files are written through the page cache");
-    }
-    supported
 }
 
 fn hex_key(key: &[u8]) -> String {
@@ -479,7 +485,40 @@ mod tests {
         }
         let store = Store::open(dir.path(), committee.chain_id()).unwrap();
         assert_eq!(store.batch(&Digest([1; 32])).unwrap(), Some(batch));
-        assert!(!dir.path().join(DIRECT_IO_PROBE).exists());
+        assert!(!dir.path().join("direct-io-probe").exists());
+    }
+
+    #[test]
+    fn a_damaged_or_missing_batch_log_is_a_clear_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let (committee, _) = Committee::deterministic("s", 4, 7000).unwrap();
+        let genesis = Block::genesis(&committee);
+        let bytes = vec![5u8; 3000];
+        let digest = crate::wire::batch_digest(&bytes);
+        {
+            let store = Store::open(dir.path(), committee.chain_id()).unwrap();
+            store.persist_with_batches(&[Record::Block(genesis)], &[(digest, &bytes)]).unwrap();
+            assert!(store.has_batch(&digest).unwrap());
+        }
+        let store = Store::open(dir.path(), committee.chain_id()).unwrap();
+        assert_eq!(store.batch(&digest).unwrap().as_deref(), Some(bytes.as_slice()));
+        let segment = std::fs::read_dir(dir.path().join(BATCH_LOG_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "batches"))
+            .unwrap();
+        // A flipped byte: read back, then refused against the digest.
+        let mut content = std::fs::read(&segment).unwrap();
+        content[100] ^= 1;
+        std::fs::write(&segment, &content).unwrap();
+        let err =
+            crate::executor::checked_batch(&digest, store.batch(&digest).unwrap(), Height(1)).unwrap_err();
+        assert!(err.to_string().contains("does not match its digest"), "{err}");
+        // A missing segment: the location is there, the bytes are not.
+        std::fs::remove_file(&segment).unwrap();
+        let err = store.batch(&digest).unwrap_err();
+        assert!(matches!(err, StorageError::Corrupt { cf: "batches", .. }), "{err}");
+        assert!(err.to_string().contains("batch log"), "{err}");
     }
 
     #[test]
