@@ -132,13 +132,9 @@ impl ClientEndpoint {
         let local_addr = socket
             .local_addr()
             .map_err(|e| NetworkError::Bind { address: format!("{socket:?}"), reason: e.to_string() })?;
-        let endpoint = quinn::Endpoint::new(
-            endpoint_config(key, EndpointKind::Client),
-            Some(server),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|e| NetworkError::Bind { address: local_addr.to_string(), reason: e.to_string() })?;
+        let endpoint =
+            crate::socket::endpoint(endpoint_config(key, EndpointKind::Client), Some(server), socket)
+                .map_err(|e| NetworkError::Bind { address: local_addr.to_string(), reason: e.to_string() })?;
         let (deliver, requests) = mpsc::channel(config.receive_queue_capacity);
         let task =
             tokio::spawn(accept_clients::<Req, Resp>(endpoint.clone(), config, counters.clone(), deliver));
@@ -272,7 +268,8 @@ impl<Req: Serialize, Resp: DeserializeOwned> ClientConnection<Req, Resp> {
             SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
             SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
         };
-        let endpoint = quinn::Endpoint::client(local)
+        let endpoint = std::net::UdpSocket::bind(local)
+            .and_then(|socket| crate::socket::endpoint(quinn::EndpointConfig::default(), None, socket))
             .map_err(|e| NetworkError::Bind { address: local.to_string(), reason: e.to_string() })?;
         let connect_error = |reason: String| NetworkError::Connect { address: address.to_string(), reason };
         let connecting = endpoint

@@ -26,6 +26,7 @@ pub mod identity;
 mod inbound;
 mod peer;
 mod replica;
+mod socket;
 pub mod tls;
 
 pub use client::{ClientConnection, ClientEndpoint, ClientId, ClientRequest, ReplySender};
@@ -33,6 +34,7 @@ pub use config::NetworkConfig;
 pub use counters::{CounterSnapshot, NetworkCounters};
 pub use error::{NetworkError, SendError};
 pub use replica::{Inbound, ReplicaNetwork};
+pub use socket::SOCKET_BUFFER_BYTES;
 
 /// QUIC application error codes this transport closes connections with.
 pub mod close_code {

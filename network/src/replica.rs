@@ -101,13 +101,9 @@ impl<M: Serialize + DeserializeOwned + Send + 'static> ReplicaNetwork<M> {
         let local_addr = socket
             .local_addr()
             .map_err(|e| NetworkError::Bind { address: format!("{socket:?}"), reason: e.to_string() })?;
-        let mut endpoint = quinn::Endpoint::new(
-            endpoint_config(key, EndpointKind::Replica),
-            Some(server),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .map_err(|e| NetworkError::Bind { address: local_addr.to_string(), reason: e.to_string() })?;
+        let mut endpoint =
+            crate::socket::endpoint(endpoint_config(key, EndpointKind::Replica), Some(server), socket)
+                .map_err(|e| NetworkError::Bind { address: local_addr.to_string(), reason: e.to_string() })?;
         endpoint.set_default_client_config(client);
 
         let mut peers = BTreeMap::new();
