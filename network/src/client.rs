@@ -69,8 +69,13 @@ impl<Resp: Serialize> ReplySender<Resp> {
         self.queue.is_closed()
     }
 
-    /// Queues `reply` for the client. Never blocks.
-    pub fn send(&self, reply: &Resp) -> Result<(), SendError> {
+    /// Queues `reply` for the client (a `Resp`, or anything `Resp` borrows as that
+    /// encodes the same, such as a slice of a `Vec`). Never blocks.
+    pub fn send<R>(&self, reply: &R) -> Result<(), SendError>
+    where
+        Resp: std::borrow::Borrow<R>,
+        R: Serialize + ?Sized,
+    {
         let frame = encode_frame(reply, self.max_frame_bytes).inspect_err(|e| match e {
             SendError::TooLarge { .. } => bump(&self.counters.send_dropped_too_large),
             _ => bump(&self.counters.send_dropped_encode_failed),

@@ -60,8 +60,6 @@ pub struct Client {
     replies: mpsc::Receiver<Vec<Reply>>,
     /// Replies received and not looked at yet.
     inbox: VecDeque<Reply>,
-    /// Replies so far per sequence, one entry per distinct (height, outcome).
-    tally: FastMap<u64, Vec<Tally>>,
     /// The replica requests go to first.
     home: Option<ReplicaId>,
     /// Submitted requests not certified yet. Replies for any other sequence are ignored.
@@ -79,11 +77,11 @@ pub struct Client {
     highest_answered: u64,
 }
 
-/// The replicas that reported one (height, outcome) for a request.
-struct Tally {
+/// One replica's reply to a request: what it reported.
+struct Vote {
+    replica: ReplicaId,
     height: Height,
     outcome: Outcome,
-    replicas: Vec<ReplicaId>,
 }
 
 /// Distinct outcomes one replica may report for one request (an honest one reports
@@ -100,6 +98,8 @@ struct Outstanding {
     stage: Stage,
     /// The home refused it as busy: it goes to the home again after the delay.
     refused: bool,
+    /// Replies so far (fewer than f + 1 of them match).
+    votes: Vec<Vote>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -194,7 +194,6 @@ impl Client {
             senders,
             replies,
             inbox: VecDeque::new(),
-            tally: FastMap::default(),
             home,
             outstanding: FastMap::default(),
             retry_queue: VecDeque::new(),
@@ -251,7 +250,14 @@ impl Client {
         let stage = if sent { Stage::Home } else { Stage::All };
         self.outstanding.insert(
             sequence,
-            Outstanding { request, submitted: now, sent_home: self.home, stage, refused: false },
+            Outstanding {
+                request,
+                submitted: now,
+                sent_home: self.home,
+                stage,
+                refused: false,
+                votes: Vec::new(),
+            },
         );
         sequence
     }
@@ -433,44 +439,43 @@ impl Client {
     }
 
     fn count(&mut self, reply: Reply) -> Option<Result<Certified, Rejection>> {
-        if matches!(reply.outcome, Outcome::Read(_))
-            || reply.client != self.id
-            // Certified already (or never submitted): later replies are ignored.
-            || !self.outstanding.contains_key(&reply.sequence)
-        {
+        if matches!(reply.outcome, Outcome::Read(_)) || reply.client != self.id {
             return None;
         }
+        // Certified already (or never submitted): later replies are ignored.
+        let entry = self.outstanding.get_mut(&reply.sequence)?;
         // Rejections may differ in the height they report: match on the outcome only.
         let height = if matches!(reply.outcome, Outcome::Rejected(_)) { Height(0) } else { reply.height };
-        let entries = self.tally.entry(reply.sequence).or_default();
-        let index = entries.iter().position(|t| t.height == height && t.outcome == reply.outcome);
-        if index.is_some_and(|i| entries[i].replicas.contains(&reply.replica)) {
-            return None;
-        }
-        if entries.iter().filter(|t| t.replicas.contains(&reply.replica)).count() >= OUTCOMES_PER_MEMBER {
-            return None;
-        }
-        let index = index.unwrap_or_else(|| {
-            entries.push(Tally { height, outcome: reply.outcome, replicas: Vec::new() });
-            entries.len() - 1
-        });
-        let tally = &mut entries[index];
-        tally.replicas.push(reply.replica);
-        if tally.replicas.len() < self.needed {
-            return None;
-        }
-        let Tally { outcome, mut replicas, .. } = entries.swap_remove(index);
-        replicas.sort_unstable();
-        self.tally.remove(&reply.sequence);
-        self.highest_answered = self.highest_answered.max(reply.sequence);
-        if let Some(done) = self.outstanding.remove(&reply.sequence) {
-            let sample = done.submitted.elapsed().as_secs_f64();
-            self.latency_average = 0.9 * self.latency_average + 0.1 * sample;
-            if done.sent_home == self.home {
-                self.home_progress = tokio::time::Instant::now();
+        let same = |v: &Vote| v.height == height && v.outcome == reply.outcome;
+        let mut from_replica = 0;
+        let mut matching = 1;
+        for vote in &entry.votes {
+            if same(vote) {
+                if vote.replica == reply.replica {
+                    return None;
+                }
+                matching += 1;
             }
+            from_replica += usize::from(vote.replica == reply.replica);
         }
-        Some(match outcome {
+        if from_replica >= OUTCOMES_PER_MEMBER {
+            return None;
+        }
+        if matching < self.needed {
+            entry.votes.push(Vote { replica: reply.replica, height, outcome: reply.outcome });
+            return None;
+        }
+        let done = self.outstanding.remove(&reply.sequence)?;
+        let mut replicas: Vec<ReplicaId> =
+            done.votes.iter().filter(|v| same(v)).map(|v| v.replica).chain([reply.replica]).collect();
+        replicas.sort_unstable();
+        self.highest_answered = self.highest_answered.max(reply.sequence);
+        let sample = done.submitted.elapsed().as_secs_f64();
+        self.latency_average = 0.9 * self.latency_average + 0.1 * sample;
+        if done.sent_home == self.home {
+            self.home_progress = tokio::time::Instant::now();
+        }
+        Some(match reply.outcome {
             Outcome::Executed(result) => Ok(Certified { sequence: reply.sequence, height, result, replicas }),
             Outcome::Rejected(rejection) => Err(rejection),
             Outcome::Read(_) => return None,
@@ -549,6 +554,7 @@ mod tests {
             sent_home: None,
             stage: Stage::Home,
             refused: false,
+            votes: Vec::new(),
         };
         let mut client = Client::new(7, 2, senders, replies);
         client.outstanding.insert(1, outstanding);
@@ -574,7 +580,7 @@ mod tests {
             assert!(client.count(reply(3, &i.to_le_bytes())).is_none());
         }
         assert!(client.count(reply(3, &0u32.to_le_bytes())).is_none(), "one replica is not f + 1");
-        let tallied: usize = client.tally[&1].len();
+        let tallied: usize = client.outstanding[&1].votes.len();
         assert_eq!(tallied, OUTCOMES_PER_MEMBER, "its outcomes beyond the bound are ignored");
         // Two honest replicas agree: certified, with exactly them as the replicas.
         assert!(client.count(reply(0, b"ok")).is_none());
@@ -583,7 +589,7 @@ mod tests {
         assert_eq!(certified.replicas, vec![ReplicaId(0), ReplicaId(1)]);
         // Certified once: later replies for it are ignored.
         assert!(client.count(reply(2, b"ok")).is_none());
-        assert!(client.tally.is_empty());
+        assert!(client.outstanding.is_empty());
     }
 
     /// What the client sent since the last call, as (replica, sequence).

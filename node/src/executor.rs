@@ -168,7 +168,7 @@ impl<A: StateMachine> Executor<A> {
             height,
             block,
             state_digest,
-            state: codec::encode_exact(&SnapshotBody { app: app(), sessions }).unwrap_or_default(),
+            state: codec::encode(&SnapshotBody { app: app(), sessions }).unwrap_or_default(),
         }
     }
 

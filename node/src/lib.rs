@@ -11,6 +11,7 @@ pub mod mempool;
 pub mod metrics;
 pub mod node;
 pub mod replica;
+pub mod reply_cache;
 pub mod state_transfer;
 pub mod status;
 pub mod storage;

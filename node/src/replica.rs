@@ -32,6 +32,7 @@ use crate::app::{StateMachine, Transaction};
 use crate::executor::{Executor, checked_batch};
 use crate::mempool::{Admission, BatchAdmission, Mempool, MempoolLimits};
 use crate::metrics::{Metrics, label};
+use crate::reply_cache::ReplyCache;
 use crate::state_transfer::{ChunkOutcome, Fetch, Received, StateTransfer};
 use crate::storage::{StorageError, Store, StoredSnapshot};
 use crate::wire::{
@@ -245,8 +246,7 @@ pub struct Runtime<P: Protocol, A: StateMachine> {
     /// Sessions per connection number, and when closed sessions were last dropped.
     per_connection: HashMap<u64, usize>,
     sessions_pruned: Instant,
-    replies: FastMap<(u64, u64), Reply>,
-    reply_order: VecDeque<(u64, u64)>,
+    replies: ReplyCache,
     /// Batches of stored, not yet executed blocks: digest -> (parent, height, batches).
     pending_chain: HashMap<Digest, InFlight>,
     /// A payload request waiting for transactions (or for the idle delay).
@@ -310,6 +310,7 @@ where
                 peer_quota_bytes: cfg.peer_batch_quota_bytes,
             },
         );
+        let reply_cache = cfg.reply_cache;
         Runtime {
             me,
             core,
@@ -326,8 +327,7 @@ where
             sessions: FastMap::default(),
             per_connection: HashMap::new(),
             sessions_pruned: Instant::now(),
-            replies: FastMap::default(),
-            reply_order: VecDeque::new(),
+            replies: ReplyCache::new(reply_cache),
             pending_chain: HashMap::new(),
             payload_wanted: None,
             held: VecDeque::new(),
@@ -533,8 +533,8 @@ where
         self.metrics.height.set(outcome.height.0 as i64);
         self.metrics.transactions_executed.inc_by(outcome.executed.len() as u64);
         self.metrics.duplicate_transactions.inc_by(outcome.duplicates as u64);
-        // One frame per client per block, with all its replies; then each reply moves
-        // into the cache (answers retries) without a copy.
+        // Frames of a client's replies in this block; then the replies move into the
+        // cache (it answers retries) without a copy.
         let mut by_client: FastMap<u64, Replies> = FastMap::default();
         for (tx, receipt) in outcome.executed {
             by_client.entry(tx.client).or_default().push(Reply {
@@ -545,17 +545,13 @@ where
                 outcome: Outcome::Executed(receipt.0),
             });
         }
-        for (client, mut replies) in by_client {
-            while !replies.is_empty() {
-                let rest = replies.split_off(replies.len().min(MAX_REPLIES_PER_FRAME));
+        for (client, replies) in by_client {
+            for frame in replies.chunks(MAX_REPLIES_PER_FRAME) {
                 for (_, sender) in self.sessions.get(&client).into_iter().flatten() {
-                    let _ = sender.send(&replies);
+                    let _ = sender.send(frame);
                 }
-                for reply in replies {
-                    self.remember_reply((reply.client, reply.sequence), reply);
-                }
-                replies = rest;
             }
+            self.replies.remember(client, replies);
         }
         // What the executed log covers is no longer in flight (abandoned forks too).
         let executed = self.executor.height();
@@ -1171,8 +1167,8 @@ where
                     return self.reject(&reply, &request, Rejection::Malformed(reason), "invalid_operation");
                 }
                 let key = (request.client, request.sequence);
-                if let Some(done) = self.replies.get(&key) {
-                    let _ = reply.send(&vec![done.clone()]);
+                if let Some(done) = self.replies.get(request.client, request.sequence) {
+                    let _ = reply.send(std::slice::from_ref(done));
                     return;
                 }
                 if self.executor.too_old(request.client, request.sequence)
@@ -1198,17 +1194,6 @@ where
                     Admission::Duplicate => {}
                     Admission::Full => self.reject(&reply, &request_header(key), Rejection::Busy, "busy"),
                 }
-            }
-        }
-    }
-
-    fn remember_reply(&mut self, key: (u64, u64), reply: Reply) {
-        if self.replies.insert(key, reply).is_none() {
-            self.reply_order.push_back(key);
-        }
-        while self.reply_order.len() > self.cfg.reply_cache {
-            if let Some(old) = self.reply_order.pop_front() {
-                self.replies.remove(&old);
             }
         }
     }

@@ -350,7 +350,7 @@ impl Store {
     /// synced MANIFEST); this returns once it is durable. A crash before then loses only
     /// this snapshot: the previous one stays, and the log is replayed from it.
     pub fn save_snapshot(&self, snapshot: &StoredSnapshot) -> Result<(), StorageError> {
-        let bytes = codec::encode_exact(snapshot)?;
+        let bytes = codec::encode(snapshot)?;
         let staging = self.path.join(SNAPSHOT_STAGING);
         let mut options = Options::default();
         options.set_compression_type(DBCompressionType::None);
