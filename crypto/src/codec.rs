@@ -11,8 +11,7 @@
 //! Trailing bytes after a value are an error: every value has one encoding, which is
 //! what signatures are computed over.
 
-use serde::Serialize;
-use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
 
 /// The largest input any decode accepts, whatever limit the caller passes (64 MiB).
 pub const MAX_DECODE_BYTES: usize = 64 << 20;
@@ -72,7 +71,7 @@ impl bincode::enc::write::Writer for ByteCounter {
 ///
 /// `limit` is the largest input the caller accepts for this kind of value; it is capped
 /// at [`MAX_DECODE_BYTES`]. Never panics on any input.
-pub fn decode<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
+pub fn decode<'a, T: Deserialize<'a>>(bytes: &'a [u8], limit: usize) -> Result<T, CodecError> {
     decode_capped(bytes, limit.min(MAX_DECODE_BYTES))
 }
 
@@ -82,11 +81,11 @@ pub const MAX_LARGE_DECODE_BYTES: usize = 1 << 30;
 /// [`decode`] for values a replica reads back from its own store that may exceed
 /// [`MAX_DECODE_BYTES`] (application snapshots), up to [`MAX_LARGE_DECODE_BYTES`].
 /// Never for network input.
-pub fn decode_large<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
+pub fn decode_large<'a, T: Deserialize<'a>>(bytes: &'a [u8], limit: usize) -> Result<T, CodecError> {
     decode_capped(bytes, limit.min(MAX_LARGE_DECODE_BYTES))
 }
 
-fn decode_capped<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, CodecError> {
+fn decode_capped<'a, T: Deserialize<'a>>(bytes: &'a [u8], limit: usize) -> Result<T, CodecError> {
     if bytes.len() > limit {
         return Err(CodecError::TooLarge { len: bytes.len(), limit });
     }
@@ -109,9 +108,10 @@ fn decode_capped<T: DeserializeOwned>(bytes: &[u8], limit: usize) -> Result<T, C
     }
 }
 
-fn decode_with<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<T, CodecError> {
-    let (value, read) = bincode::serde::decode_from_slice::<T, _>(bytes, config().with_limit::<LIMIT>())
-        .map_err(|e| CodecError::Malformed(e.to_string()))?;
+fn decode_with<'a, T: Deserialize<'a>, const LIMIT: usize>(bytes: &'a [u8]) -> Result<T, CodecError> {
+    let (value, read) =
+        bincode::serde::borrow_decode_from_slice::<T, _>(bytes, config().with_limit::<LIMIT>())
+            .map_err(|e| CodecError::Malformed(e.to_string()))?;
     if read != bytes.len() {
         return Err(CodecError::TrailingBytes { trailing: bytes.len() - read });
     }
@@ -122,7 +122,6 @@ fn decode_with<T: DeserializeOwned, const LIMIT: usize>(bytes: &[u8]) -> Result<
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use serde::Deserialize;
 
     #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
     struct Sample {

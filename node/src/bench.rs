@@ -113,29 +113,26 @@ pub async fn run(
                 seconds: Vec::new(),
                 error: None,
             };
-            let mut sent_at = crate::FastMap::default();
             let mut interval = tokio::time::interval(Duration::from_millis(5));
             let mut owed = 0.0;
             let end = started + duration;
-            let drain_until = end + Duration::from_secs(5);
             let mut counter = 0u64;
-            // Replies lost to overload (a full reply queue drops them) must not keep the
-            // run waiting past its drain time.
-            let drain = tokio::time::sleep_until(drain_until.into());
-            tokio::pin!(drain);
+            // Load stops at `end`; the run then waits for what is outstanding, until the
+            // drain time (replies lost to overload, dropped from a full reply queue, must
+            // not keep it waiting longer).
+            let finish = tokio::time::sleep_until(end.into());
+            let drain = tokio::time::sleep_until((end + Duration::from_secs(5)).into());
+            tokio::pin!(finish, drain);
+            let mut ended = false;
             loop {
-                // Past the drain time the pinned `drain` below ends the loop.
-                let now = Instant::now();
-                if now >= end && sent_at.is_empty() {
+                if ended && client.outstanding() == 0 {
                     break;
                 }
                 tokio::select! {
                     _ = &mut drain => break,
-                    _ = interval.tick(), if now < end => {
+                    _ = &mut finish, if !ended => ended = true,
+                    _ = interval.tick(), if !ended => {
                         owed += per_client * 0.005;
-                        // One clock read for the tick's burst (submitting it takes
-                        // microseconds; an earlier stamp only overstates latency).
-                        let stamp = Instant::now();
                         while owed >= 1.0 {
                             owed -= 1.0;
                             counter += 1;
@@ -145,30 +142,28 @@ pub async fn run(
                             // Backpressure (replicas not reading) must not outlast the run:
                             // the drain timer bounds a submit waiting on a full queue (a
                             // timer per submit cost the load generator a tenth of its CPU).
-                            let sequence = tokio::select! {
+                            tokio::select! {
                                 biased;
-                                sequence = client.submit(op) => sequence,
+                                _ = client.submit(op) => {}
                                 _ = &mut drain => break,
-                            };
-                            sent_at.insert(sequence, stamp);
+                            }
                             load.submitted += 1;
                         }
                     }
                     result = client.next_certified() => match result {
                         Ok(Ok(certified)) => {
-                            if let Some(at) = sent_at.remove(&certified.sequence) {
-                                let latency = at.elapsed().as_micros() as u64;
-                                load.latencies_us.push(latency);
-                                let second = at.duration_since(started).as_secs() as usize;
-                                if load.seconds.len() <= second {
-                                    load.seconds.resize(second + 1, (0, 0, 0));
-                                }
-                                let (n, sum, max) = &mut load.seconds[second];
-                                *n += 1;
-                                *sum += latency;
-                                *max = (*max).max(latency);
-                                committed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            // Submit → f + 1 matching replies, as the client measured it.
+                            let latency = certified.latency.as_micros() as u64;
+                            load.latencies_us.push(latency);
+                            let second = certified.submitted.into_std().saturating_duration_since(started).as_secs() as usize;
+                            if load.seconds.len() <= second {
+                                load.seconds.resize(second + 1, (0, 0, 0));
                             }
+                            let (n, sum, max) = &mut load.seconds[second];
+                            *n += 1;
+                            *sum += latency;
+                            *max = (*max).max(latency);
+                            committed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         }
                         Ok(Err(_)) => load.rejected += 1,
                         Err(e) => {

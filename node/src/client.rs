@@ -48,6 +48,10 @@ pub struct Certified {
     pub result: Vec<u8>,
     /// The replicas whose replies matched.
     pub replicas: Vec<ReplicaId>,
+    /// When it was first submitted, and how long it took from then to f + 1 matching
+    /// replies.
+    pub submitted: tokio::time::Instant,
+    pub latency: Duration,
 }
 
 /// A client of one committee.
@@ -231,11 +235,18 @@ impl Client {
         self.id
     }
 
+    /// Requests submitted and neither certified nor given up yet.
+    pub fn outstanding(&self) -> usize {
+        self.outstanding.len()
+    }
+
     /// Sends an ordered request to the home replica without waiting; returns its
     /// sequence.
     pub async fn submit(&mut self, op: Vec<u8>) -> u64 {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
+        // Submitted now: time spent waiting on a full queue counts as latency.
+        let now = tokio::time::Instant::now();
         let request = Request { client: self.id, sequence, kind: RequestKind::Ordered, op };
         let home = self.home.and_then(|h| self.senders.get(&h)).filter(|s| !s.is_closed());
         let sent = match home {
@@ -245,7 +256,6 @@ impl Client {
         if !sent {
             self.send_all(&request).await;
         }
-        let now = tokio::time::Instant::now();
         self.retry_queue.push_back((sequence, now));
         let stage = if sent { Stage::Home } else { Stage::All };
         self.outstanding.insert(
@@ -470,13 +480,21 @@ impl Client {
             done.votes.iter().filter(|v| same(v)).map(|v| v.replica).chain([reply.replica]).collect();
         replicas.sort_unstable();
         self.highest_answered = self.highest_answered.max(reply.sequence);
-        let sample = done.submitted.elapsed().as_secs_f64();
-        self.latency_average = 0.9 * self.latency_average + 0.1 * sample;
+        let now = tokio::time::Instant::now();
+        let latency = now.duration_since(done.submitted);
+        self.latency_average = 0.9 * self.latency_average + 0.1 * latency.as_secs_f64();
         if done.sent_home == self.home {
-            self.home_progress = tokio::time::Instant::now();
+            self.home_progress = now;
         }
         Some(match reply.outcome {
-            Outcome::Executed(result) => Ok(Certified { sequence: reply.sequence, height, result, replicas }),
+            Outcome::Executed(result) => Ok(Certified {
+                sequence: reply.sequence,
+                height,
+                result,
+                replicas,
+                submitted: done.submitted,
+                latency,
+            }),
             Outcome::Rejected(rejection) => Err(rejection),
             Outcome::Read(_) => return None,
         })

@@ -253,7 +253,7 @@ pub fn checked_batch(
     if batch_digest(&bytes) != *digest {
         return Err(corrupt("the stored batch does not match its digest".into()));
     }
-    decode_batch(&bytes).ok_or_else(|| corrupt("the stored batch does not decode".into()))
+    decode_batch(&bytes.into()).ok_or_else(|| corrupt("the stored batch does not decode".into()))
 }
 
 #[cfg(test)]

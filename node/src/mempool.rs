@@ -8,10 +8,10 @@
 //! batches are refused, counted); the memory of executed batch digests in count.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bulwark_crypto::{Digest, ReplicaId};
+use bytes::Bytes;
 
 use crate::app::Transaction;
 use crate::wire::{MAX_BATCH_BYTES, TX_ENVELOPE_BYTES, batch_digest, encode_batch};
@@ -54,7 +54,7 @@ pub struct MempoolLimits {
 /// A batch available to this replica and not executed yet.
 pub struct PendingBatch {
     pub author: ReplicaId,
-    pub bytes: Arc<Vec<u8>>,
+    pub bytes: Bytes,
     /// Whether the store holds it (written with the first block that names it).
     pub persisted: bool,
     /// Arrival order (proposals take batches oldest first).
@@ -83,7 +83,7 @@ const EXECUTED_REMEMBERED: usize = 65_536;
 pub struct Mempool {
     me: ReplicaId,
     limits: MempoolLimits,
-    sealed: Vec<(Digest, Arc<Vec<u8>>)>,
+    sealed: Vec<(Digest, Bytes)>,
     open: Vec<Transaction>,
     open_bytes: usize,
     open_since: Option<Instant>,
@@ -168,7 +168,7 @@ impl Mempool {
         self.open_since = None;
         let keys: Vec<_> = txs.iter().map(|t| (t.client, t.sequence)).collect();
         let charged = txs.iter().map(|t| t.op.len() + TX_ENVELOPE_BYTES).sum();
-        let bytes = Arc::new(encode_batch(&txs));
+        let bytes = Bytes::from(encode_batch(&txs));
         let digest = batch_digest(&bytes);
         let own = OwnBatch { keys, charged, sent: now };
         if self.executed.contains(&digest) || self.batches.contains_key(&digest) {
@@ -183,11 +183,11 @@ impl Mempool {
     }
 
     /// Batches sealed since the last call, to send to every peer.
-    pub fn take_sealed(&mut self) -> Vec<(Digest, Arc<Vec<u8>>)> {
+    pub fn take_sealed(&mut self) -> Vec<(Digest, Bytes)> {
         std::mem::take(&mut self.sealed)
     }
 
-    fn insert(&mut self, digest: Digest, author: ReplicaId, bytes: Arc<Vec<u8>>, own: Option<OwnBatch>) {
+    fn insert(&mut self, digest: Digest, author: ReplicaId, bytes: Bytes, own: Option<OwnBatch>) {
         let order = self.next_order;
         self.next_order += 1;
         self.by_order.insert(order, digest);
@@ -201,7 +201,7 @@ impl Mempool {
         &mut self,
         from: ReplicaId,
         digest: Digest,
-        bytes: Arc<Vec<u8>>,
+        bytes: Bytes,
         solicited: bool,
     ) -> BatchAdmission {
         if self.batches.contains_key(&digest) || self.executed.contains(&digest) {
@@ -317,7 +317,7 @@ impl Mempool {
         after: Duration,
         named: &HashSet<Digest>,
         max: usize,
-    ) -> Vec<Arc<Vec<u8>>> {
+    ) -> Vec<Bytes> {
         let mut out = Vec::new();
         for digest in self.own_order.values() {
             if out.len() >= max {
@@ -370,7 +370,7 @@ mod tests {
     }
 
     fn tx(client: u64, sequence: u64, len: usize) -> Transaction {
-        Transaction { client, sequence, op: vec![0; len] }
+        Transaction { client, sequence, op: vec![0; len].into() }
     }
 
     #[test]
@@ -404,7 +404,7 @@ mod tests {
     #[test]
     fn peers_batches_are_held_within_a_quota_and_selected_in_turn_per_author() {
         let mut m = Mempool::new(ReplicaId(0), MempoolLimits { peer_quota_bytes: 2500, ..limits() });
-        let batch = |n: u8| Arc::new(vec![n; 40]);
+        let batch = |n: u8| Bytes::from(vec![n; 40]);
         let d = |n: u8| batch_digest(&batch(n));
         assert_eq!(m.add_batch(ReplicaId(1), d(1), batch(1), false), BatchAdmission::Stored);
         assert_eq!(m.add_batch(ReplicaId(1), d(1), batch(1), false), BatchAdmission::Known);

@@ -25,6 +25,7 @@ use bulwark_consensus::{
 };
 use bulwark_crypto::{Committee, Digest, ReplicaId, Verified, codec};
 use bulwark_network::{ClientRequest, ReplicaNetwork, ReplySender};
+use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
 use crate::FastMap;
@@ -38,7 +39,7 @@ use crate::storage::{StorageError, Store, StoredSnapshot};
 use crate::wire::{
     MAX_BLOCK_BATCHES, MAX_FETCH_BATCHES, MAX_OP_BYTES, Outcome, PeerMessage, Rejection, Replies, Reply,
     Request, RequestKind, SNAPSHOT_CHUNK_BYTES, SnapshotChunk, SnapshotFetch, SnapshotInfo, batch_digest,
-    client_id_of, decode_batch, decode_block_payload, encode_block_payload, is_keyed_client_id,
+    client_id_of, decode_batch, decode_block_payload, encode_block_payload, is_batch, is_keyed_client_id,
     snapshot_digest,
 };
 
@@ -176,7 +177,7 @@ pub enum Inbound<M> {
     Batch {
         from: ReplicaId,
         digest: Digest,
-        bytes: Arc<Vec<u8>>,
+        bytes: Bytes,
     },
     FetchBatches {
         from: ReplicaId,
@@ -453,7 +454,7 @@ where
             }
         }
         // Shared buffers (`Arc`): nothing is copied until the store's write batch.
-        let refs: Vec<(Digest, &[u8])> = new_batches.iter().map(|(d, b)| (*d, b.as_slice())).collect();
+        let refs: Vec<(Digest, &[u8])> = new_batches.iter().map(|(d, b)| (*d, b.as_ref())).collect();
         // A step with nothing to store skips `block_in_place` (it hands the worker's
         // other tasks off) and stays out of the write-time histogram.
         if !actions.persist.is_empty() || !refs.is_empty() {
@@ -870,8 +871,8 @@ where
         window.2 += digests.len();
         for digest in digests.iter().take(MAX_FETCH_BATCHES) {
             let bytes = match self.mempool.batch(digest) {
-                Some(batch) => Some(batch.bytes.as_ref().clone()),
-                None => self.store.batch(digest).ok().flatten(),
+                Some(batch) => Some(batch.bytes.clone()),
+                None => self.store.batch(digest).ok().flatten().map(Bytes::from),
             };
             let Some(bytes) = bytes else { continue };
             let window = self.served.entry(from).or_insert((now, 0, 0));
@@ -919,7 +920,7 @@ where
         let named: HashSet<Digest> =
             self.pending_chain.values().flat_map(|(_, _, b)| b.iter().copied()).collect();
         for bytes in self.mempool.due_for_resend(now, RESEND_OWN_AFTER, &named, RESEND_PER_TICK) {
-            let _ = self.network.broadcast(&PeerMessage::Batch(bytes.as_ref().clone()));
+            let _ = self.network.broadcast(&PeerMessage::Batch(bytes.clone()));
             self.metrics.batches.get_or_create(&label("event", "resent")).inc();
         }
         Ok(())
@@ -955,7 +956,7 @@ where
     /// Sends the batches sealed since the last call to every peer.
     fn send_sealed(&mut self) {
         for (_, bytes) in self.mempool.take_sealed() {
-            let _ = self.network.broadcast(&PeerMessage::Batch(bytes.as_ref().clone()));
+            let _ = self.network.broadcast(&PeerMessage::Batch(bytes.clone()));
             self.metrics.batches.get_or_create(&label("event", "sealed")).inc();
         }
     }
@@ -1186,7 +1187,8 @@ where
                 if !self.register_session(request.client, client.connection, &reply) {
                     return self.reject(&reply, &request, Rejection::Busy, "too_many_sessions");
                 }
-                let tx = Transaction { client: request.client, sequence: request.sequence, op: request.op };
+                let tx =
+                    Transaction { client: request.client, sequence: request.sequence, op: request.op.into() };
                 match self.mempool.add(tx, Instant::now()) {
                     Admission::Accepted => {
                         self.metrics.batch_transactions.inc();
@@ -1355,11 +1357,11 @@ where
                         }
                     },
                     PeerMessage::Batch(bytes) => {
-                        if decode_batch(&bytes).is_none() {
+                        if !is_batch(&bytes) {
                             refuse("malformed_batch");
                             continue;
                         }
-                        Inbound::Batch { from, digest: batch_digest(&bytes), bytes: Arc::new(bytes) }
+                        Inbound::Batch { from, digest: batch_digest(&bytes), bytes }
                     }
                     PeerMessage::FetchBatches(mut digests) => {
                         if digests.len() > MAX_FETCH_BATCHES {

@@ -3,6 +3,7 @@
 
 use bulwark_consensus::{Height, Payload};
 use bulwark_crypto::{Digest, PublicKey, ReplicaId, codec};
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 use crate::app::Transaction;
@@ -22,7 +23,7 @@ pub const MAX_BLOCK_BATCHES: usize = 4096;
 pub enum PeerMessage<M> {
     Consensus(M),
     /// An encoded batch of transactions; it is named by [`batch_digest`] of these bytes.
-    Batch(#[serde(with = "serde_bytes")] Vec<u8>),
+    Batch(Bytes),
     /// Asks for the batches with these digests (at most [`MAX_FETCH_BATCHES`] are served).
     FetchBatches(Vec<Digest>),
     /// The latest application snapshot this replica can serve (sent every second).
@@ -95,12 +96,37 @@ pub fn encode_batch(txs: &[Transaction]) -> Vec<u8> {
     codec::encode(txs).unwrap_or_default()
 }
 
-/// The transactions of an encoded batch; `None` if it does not decode or is too large.
-pub fn decode_batch(bytes: &[u8]) -> Option<Vec<Transaction>> {
+/// A transaction as encoded in a batch, its operation borrowed from the batch's bytes
+/// (the same encoding as [`Transaction`]).
+#[derive(Deserialize)]
+struct EncodedTransaction<'a> {
+    client: u64,
+    sequence: u64,
+    #[serde(borrow)]
+    op: &'a [u8],
+}
+
+fn decode_encoded(bytes: &[u8]) -> Option<Vec<EncodedTransaction<'_>>> {
     if bytes.len() > MAX_BATCH_BYTES {
         return None;
     }
     codec::decode(bytes, MAX_BATCH_BYTES).ok()
+}
+
+/// Whether `bytes` is a batch: it decodes and is not too large (nothing is copied).
+pub fn is_batch(bytes: &[u8]) -> bool {
+    decode_encoded(bytes).is_some()
+}
+
+/// The transactions of an encoded batch; `None` if it does not decode or is too large.
+/// Their operations share the batch's buffer (no copy per transaction).
+pub fn decode_batch(bytes: &Bytes) -> Option<Vec<Transaction>> {
+    let txs = decode_encoded(bytes)?;
+    Some(
+        txs.into_iter()
+            .map(|tx| Transaction { client: tx.client, sequence: tx.sequence, op: bytes.slice_ref(tx.op) })
+            .collect(),
+    )
 }
 
 /// A block payload: the digests of the batches it orders, in order.

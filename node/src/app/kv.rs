@@ -186,7 +186,7 @@ mod tests {
     use super::*;
 
     fn tx(seq: u64, op: KvOp) -> Transaction {
-        Transaction { client: 1, sequence: seq, op: op.encode() }
+        Transaction { client: 1, sequence: seq, op: op.encode().into() }
     }
 
     #[test]
@@ -205,7 +205,7 @@ mod tests {
             tx(4, KvOp::Put { key: b"b".to_vec(), value: b"x".to_vec() }),
             tx(5, KvOp::Range { start: b"a".to_vec(), end: b"z".to_vec(), limit: 10 }),
             tx(6, KvOp::Delete { key: b"b".to_vec() }),
-            Transaction { client: 1, sequence: 7, op: vec![0xff; 3] },
+            Transaction { client: 1, sequence: 7, op: vec![0xff; 3].into() },
         ];
         let mut a = KvStore::default();
         let mut b = KvStore::default();

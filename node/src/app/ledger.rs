@@ -247,7 +247,7 @@ mod tests {
     use super::*;
 
     fn tx(seq: u64, op: &LedgerOp) -> Transaction {
-        Transaction { client: 1, sequence: seq, op: op.encode() }
+        Transaction { client: 1, sequence: seq, op: op.encode().into() }
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod kv;
 pub mod ledger;
 
 use bulwark_crypto::Digest;
+use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 
 /// One ordered client transaction, as the application sees it.
@@ -11,8 +12,8 @@ use serde::{Deserialize, Serialize};
 pub struct Transaction {
     pub client: u64,
     pub sequence: u64,
-    #[serde(with = "serde_bytes")]
-    pub op: Vec<u8>,
+    /// Encoded as a byte string; shared with the batch it was decoded from.
+    pub op: Bytes,
 }
 
 /// What executing one transaction produced (application-encoded).
