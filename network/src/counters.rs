@@ -3,13 +3,27 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// One counter on a cache line of its own: the sending and receiving tasks of every
+/// connection add to their counters on whichever core they run, and counters sharing a
+/// line made each add a cache-line transfer (1.5% of the machine at 100,000 tx/s).
+#[derive(Debug, Default)]
+#[repr(align(64))]
+pub struct Counter(AtomicU64);
+
+impl std::ops::Deref for Counter {
+    type Target = AtomicU64;
+    fn deref(&self) -> &AtomicU64 {
+        &self.0
+    }
+}
+
 macro_rules! counters {
     ($( $(#[$doc:meta])* $name:ident ),* $(,)?) => {
         /// Live counters, shared by the transport's tasks. Monotonic; read them with
         /// [`NetworkCounters::snapshot`].
         #[derive(Debug, Default)]
         pub struct NetworkCounters {
-            $( $(#[$doc])* pub $name: AtomicU64, )*
+            $( $(#[$doc])* pub $name: Counter, )*
         }
 
         /// A point-in-time copy of [`NetworkCounters`].

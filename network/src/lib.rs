@@ -31,7 +31,7 @@ pub mod tls;
 
 pub use client::{ClientConnection, ClientEndpoint, ClientId, ClientRequest, ReplySender};
 pub use config::NetworkConfig;
-pub use counters::{CounterSnapshot, NetworkCounters};
+pub use counters::{Counter, CounterSnapshot, NetworkCounters};
 pub use error::{NetworkError, SendError};
 pub use replica::{Inbound, ReplicaNetwork};
 pub use socket::SOCKET_BUFFER_BYTES;

@@ -55,6 +55,8 @@ pub struct MempoolLimits {
 pub struct PendingBatch {
     pub author: ReplicaId,
     pub bytes: Bytes,
+    /// Its transactions, decoded once (sharing `bytes`), until execution takes them.
+    txs: Option<Vec<Transaction>>,
     /// Whether the store holds it (written with the first block that names it).
     pub persisted: bool,
     /// Arrival order (proposals take batches oldest first).
@@ -178,7 +180,9 @@ impl Mempool {
             return;
         }
         self.own_order.insert(self.next_order, digest);
-        self.insert(digest, self.me, bytes.clone(), Some(own));
+        // Its transactions, sharing the batch's buffer, for execution to take.
+        let txs = crate::wire::decode_batch(&bytes);
+        self.insert(digest, self.me, bytes.clone(), txs, Some(own));
         self.sealed.push((digest, bytes));
     }
 
@@ -187,21 +191,36 @@ impl Mempool {
         std::mem::take(&mut self.sealed)
     }
 
-    fn insert(&mut self, digest: Digest, author: ReplicaId, bytes: Bytes, own: Option<OwnBatch>) {
+    fn insert(
+        &mut self,
+        digest: Digest,
+        author: ReplicaId,
+        bytes: Bytes,
+        txs: Option<Vec<Transaction>>,
+        own: Option<OwnBatch>,
+    ) {
         let order = self.next_order;
         self.next_order += 1;
         self.by_order.insert(order, digest);
-        self.batches.insert(digest, PendingBatch { author, bytes, persisted: false, order, own });
+        self.batches.insert(digest, PendingBatch { author, bytes, txs, persisted: false, order, own });
     }
 
-    /// Stores a batch `from` sent (its digest computed by the receiver), within that
-    /// peer's quota unless this replica asked for it (`solicited`: a block it is about
-    /// to vote for or execute names it, and held messages are bounded elsewhere).
+    /// The transactions of a pending batch, decoded when it arrived; `None` if the
+    /// batch is not here or they were taken already (decode its bytes then).
+    pub fn take_transactions(&mut self, digest: &Digest) -> Option<Vec<Transaction>> {
+        self.batches.get_mut(digest)?.txs.take()
+    }
+
+    /// Stores a batch `from` sent (its digest computed by the receiver, its transactions
+    /// decoded if they were), within that peer's quota unless this replica asked for it
+    /// (`solicited`: a block it is about to vote for or execute names it, and held
+    /// messages are bounded elsewhere).
     pub fn add_batch(
         &mut self,
         from: ReplicaId,
         digest: Digest,
         bytes: Bytes,
+        txs: Option<Vec<Transaction>>,
         solicited: bool,
     ) -> BatchAdmission {
         if self.batches.contains_key(&digest) || self.executed.contains(&digest) {
@@ -214,7 +233,7 @@ impl Mempool {
         }
         *used += charge;
         *count += 1;
-        self.insert(digest, from, bytes, None);
+        self.insert(digest, from, bytes, txs, None);
         BatchAdmission::Stored
     }
 
@@ -387,6 +406,15 @@ mod tests {
         assert_eq!(m.seal_deadline(), None);
         let (digest, bytes) = sealed[0].clone();
         assert_eq!(digest, batch_digest(&bytes));
+        // Its transactions, decoded at sealing, are taken once; then only its bytes are left.
+        let txs = m.take_transactions(&digest).expect("decoded at sealing");
+        assert_eq!(txs, vec![tx(1, 1, 10), tx(2, 1, 10)]);
+        assert!(
+            txs.iter().all(|t| bytes.as_ptr_range().contains(&t.op.as_ptr())),
+            "shares the batch's buffer"
+        );
+        assert_eq!(m.take_transactions(&digest), None);
+        assert_eq!(m.batch(&digest).map(|b| b.bytes.clone()), Some(bytes.clone()));
         assert_eq!(m.add(tx(2, 1, 10), t0), Admission::Duplicate, "pending in a sealed batch");
         assert_eq!(m.add(tx(3, 1, 10), t0), Admission::Accepted);
         assert_eq!(m.add(tx(4, 1, 10), t0), Admission::Full, "count bound");
@@ -395,7 +423,7 @@ mod tests {
         assert_eq!(m.len(), 1);
         assert_eq!(m.add(tx(4, 1, 10), t0), Admission::Accepted, "budget released on execution");
         assert_eq!(
-            m.add_batch(ReplicaId(1), digest, bytes, false),
+            m.add_batch(ReplicaId(1), digest, bytes, None, false),
             BatchAdmission::Known,
             "executed: a late copy"
         );
@@ -406,13 +434,17 @@ mod tests {
         let mut m = Mempool::new(ReplicaId(0), MempoolLimits { peer_quota_bytes: 2500, ..limits() });
         let batch = |n: u8| Bytes::from(vec![n; 40]);
         let d = |n: u8| batch_digest(&batch(n));
-        assert_eq!(m.add_batch(ReplicaId(1), d(1), batch(1), false), BatchAdmission::Stored);
-        assert_eq!(m.add_batch(ReplicaId(1), d(1), batch(1), false), BatchAdmission::Known);
-        assert_eq!(m.add_batch(ReplicaId(2), d(2), batch(2), false), BatchAdmission::Stored);
-        assert_eq!(m.add_batch(ReplicaId(1), d(3), batch(3), false), BatchAdmission::Stored);
+        assert_eq!(m.add_batch(ReplicaId(1), d(1), batch(1), None, false), BatchAdmission::Stored);
+        assert_eq!(m.add_batch(ReplicaId(1), d(1), batch(1), None, false), BatchAdmission::Known);
+        assert_eq!(m.add_batch(ReplicaId(2), d(2), batch(2), None, false), BatchAdmission::Stored);
+        assert_eq!(m.add_batch(ReplicaId(1), d(3), batch(3), None, false), BatchAdmission::Stored);
         // Each batch is charged at least 1 KiB: a third one from peer 1 is over 2,500.
-        assert_eq!(m.add_batch(ReplicaId(1), d(4), batch(4), false), BatchAdmission::OverQuota);
-        assert_eq!(m.add_batch(ReplicaId(1), d(4), batch(4), true), BatchAdmission::Stored, "asked for");
+        assert_eq!(m.add_batch(ReplicaId(1), d(4), batch(4), None, false), BatchAdmission::OverQuota);
+        assert_eq!(
+            m.add_batch(ReplicaId(1), d(4), batch(4), None, true),
+            BatchAdmission::Stored,
+            "asked for"
+        );
         assert_eq!(m.select(&HashSet::from([d(2)]), 10, usize::MAX), vec![d(1), d(3), d(4)]);
         assert_eq!(
             m.select(&HashSet::new(), 10, usize::MAX),
@@ -425,7 +457,7 @@ mod tests {
         m.executed(d(1));
         m.executed(d(3));
         assert_eq!(
-            m.add_batch(ReplicaId(1), d(5), batch(5), false),
+            m.add_batch(ReplicaId(1), d(5), batch(5), None, false),
             BatchAdmission::Stored,
             "quota released"
         );

@@ -39,7 +39,7 @@ use crate::storage::{StorageError, Store, StoredSnapshot};
 use crate::wire::{
     MAX_BLOCK_BATCHES, MAX_FETCH_BATCHES, MAX_OP_BYTES, Outcome, PeerMessage, Rejection, Replies, Reply,
     Request, RequestKind, SNAPSHOT_CHUNK_BYTES, SnapshotChunk, SnapshotFetch, SnapshotInfo, batch_digest,
-    client_id_of, decode_batch, decode_block_payload, encode_block_payload, is_batch, is_keyed_client_id,
+    client_id_of, decode_batch, decode_block_payload, encode_block_payload, is_keyed_client_id,
     snapshot_digest,
 };
 
@@ -178,6 +178,8 @@ pub enum Inbound<M> {
         from: ReplicaId,
         digest: Digest,
         bytes: Bytes,
+        /// Its transactions (sharing `bytes`).
+        txs: Vec<Transaction>,
     },
     FetchBatches {
         from: ReplicaId,
@@ -580,7 +582,14 @@ where
 
     /// The transactions of a batch a committed block (at `height`) names: from the
     /// mempool, or from the store (written with the first record that named it).
-    fn batch_transactions(&self, digest: &Digest, height: Height) -> Result<Vec<Transaction>, StorageError> {
+    fn batch_transactions(
+        &mut self,
+        digest: &Digest,
+        height: Height,
+    ) -> Result<Vec<Transaction>, StorageError> {
+        if let Some(txs) = self.mempool.take_transactions(digest) {
+            return Ok(txs);
+        }
         if let Some(batch) = self.mempool.batch(digest)
             && let Some(txs) = decode_batch(&batch.bytes)
         {
@@ -598,9 +607,9 @@ where
                 Ok(())
             }
             Inbound::Message(from, msg) => self.deliver_or_hold(from, msg),
-            Inbound::Batch { from, digest, bytes } => {
+            Inbound::Batch { from, digest, bytes, txs } => {
                 let solicited = self.fetching.contains_key(&digest);
-                let admission = self.mempool.add_batch(from, digest, bytes, solicited);
+                let admission = self.mempool.add_batch(from, digest, bytes, Some(txs), solicited);
                 let event = match admission {
                     BatchAdmission::Stored => "received",
                     BatchAdmission::Known => "received_known",
@@ -1357,11 +1366,13 @@ where
                         }
                     },
                     PeerMessage::Batch(bytes) => {
-                        if !is_batch(&bytes) {
+                        // Decoded once, here (no copy per transaction), and taken by
+                        // execution.
+                        let Some(txs) = decode_batch(&bytes) else {
                             refuse("malformed_batch");
                             continue;
-                        }
-                        Inbound::Batch { from, digest: batch_digest(&bytes), bytes }
+                        };
+                        Inbound::Batch { from, digest: batch_digest(&bytes), bytes, txs }
                     }
                     PeerMessage::FetchBatches(mut digests) => {
                         if digests.len() > MAX_FETCH_BATCHES {

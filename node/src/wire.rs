@@ -113,11 +113,6 @@ fn decode_encoded(bytes: &[u8]) -> Option<Vec<EncodedTransaction<'_>>> {
     codec::decode(bytes, MAX_BATCH_BYTES).ok()
 }
 
-/// Whether `bytes` is a batch: it decodes and is not too large (nothing is copied).
-pub fn is_batch(bytes: &[u8]) -> bool {
-    decode_encoded(bytes).is_some()
-}
-
 /// The transactions of an encoded batch; `None` if it does not decode or is too large.
 /// Their operations share the batch's buffer (no copy per transaction).
 pub fn decode_batch(bytes: &Bytes) -> Option<Vec<Transaction>> {
