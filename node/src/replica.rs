@@ -455,7 +455,7 @@ where
                 self.pending_chain.insert(digest, (parent, height, batches));
             }
         }
-        // Shared buffers (`Arc`): nothing is copied until the store's write batch.
+        // Shared buffers (`Bytes`): nothing is copied until the batch log's write.
         let refs: Vec<(Digest, &[u8])> = new_batches.iter().map(|(d, b)| (*d, b.as_ref())).collect();
         // A step with nothing to store skips `block_in_place` (it hands the worker's
         // other tasks off) and stays out of the write-time histogram.
@@ -580,8 +580,9 @@ where
         });
     }
 
-    /// The transactions of a batch a committed block (at `height`) names: from the
-    /// mempool, or from the store (written with the first record that named it).
+    /// The transactions of a batch a committed block (at `height`) names: taken from
+    /// the mempool (decoded when the batch arrived or was sealed), decoded from its
+    /// bytes there (a block naming a batch twice), or read from the store.
     fn batch_transactions(
         &mut self,
         digest: &Digest,
