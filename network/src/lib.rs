@@ -34,7 +34,6 @@ pub use config::NetworkConfig;
 pub use counters::{Counter, CounterSnapshot, NetworkCounters};
 pub use error::{NetworkError, SendError};
 pub use replica::{Inbound, ReplicaNetwork};
-pub use socket::SOCKET_BUFFER_BYTES;
 
 /// QUIC application error codes this transport closes connections with.
 pub mod close_code {

@@ -1,7 +1,7 @@
 //! The UDP sockets under QUIC endpoints.
 
 use std::net::UdpSocket;
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 
 /// Kernel send and receive buffer asked for on every endpoint's socket. QUIC on a busy
 /// host receives bursts (a peer's batches, GSO trains of datagrams) faster than the
@@ -22,19 +22,26 @@ pub(crate) fn endpoint(
 }
 
 fn enlarge_buffers(socket: &UdpSocket) {
+    // Linux reports twice what it granted (its bookkeeping share included).
+    const REPORTED: usize = if cfg!(target_os = "linux") { 2 } else { 1 } * SOCKET_BUFFER_BYTES;
+    static CAPPED: Once = Once::new();
     let socket = socket2::SockRef::from(socket);
     let _ = socket.set_recv_buffer_size(SOCKET_BUFFER_BYTES);
     let _ = socket.set_send_buffer_size(SOCKET_BUFFER_BYTES);
-    // Linux reports twice what was granted (its bookkeeping share included).
-    if let Ok(granted) = socket.recv_buffer_size()
-        && granted < SOCKET_BUFFER_BYTES
+    let (recv, send) = (socket.recv_buffer_size(), socket.send_buffer_size());
+    if let (Ok(recv), Ok(send)) = (recv, send)
+        && (recv < REPORTED || send < REPORTED)
     {
-        tracing::info!(
-            requested = SOCKET_BUFFER_BYTES,
-            granted,
-            "UDP receive buffer capped by net.core.rmem_max: bursts beyond it are dropped and \
-             retransmitted (raise it, see docs/OPERATIONS.md)"
-        );
+        // Once per process (a client makes an endpoint per connection).
+        CAPPED.call_once(|| {
+            tracing::info!(
+                requested = SOCKET_BUFFER_BYTES,
+                recv_granted = recv / (REPORTED / SOCKET_BUFFER_BYTES),
+                send_granted = send / (REPORTED / SOCKET_BUFFER_BYTES),
+                "UDP buffers capped by net.core.rmem_max/wmem_max: bursts beyond them are \
+                 dropped and retransmitted (raise them, see docs/OPERATIONS.md)"
+            );
+        });
     }
 }
 

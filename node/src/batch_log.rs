@@ -46,7 +46,6 @@ pub struct BatchLocation {
 
 pub struct BatchLog {
     dir: PathBuf,
-    direct: bool,
     segment_bytes: u64,
     writer: Mutex<Writer>,
 }
@@ -56,40 +55,45 @@ struct Writer {
     file: Option<File>,
     segment: u64,
     offset: u64,
-    /// Staging buffer, over-allocated so that an aligned window fits; reused, so its
-    /// pages stay resident.
+    /// Whether segments are written with direct I/O (probed when the first one is made).
+    direct: Option<bool>,
+    /// The aligned staging buffer, kept between appends (at most [`MAX_WRITE`] plus one
+    /// record and [`ALIGN`]) so its pages stay resident.
     buffer: Vec<u8>,
     /// Bytes in all segments.
     bytes: u64,
 }
 
+/// An append is written in pieces of at most this many bytes (a larger single record
+/// is one piece), so the staging buffer stays small whatever a step stores.
+const MAX_WRITE: usize = 8 << 20;
+
 impl BatchLog {
-    /// Opens the log in `dir` (created if missing). Appends go to a new segment after
-    /// the highest one there.
+    /// Opens the log in `dir`. Nothing is created until the first append, which goes to
+    /// a new segment after the highest one there.
     pub fn open(dir: &Path, segment_bytes: u64) -> io::Result<BatchLog> {
-        std::fs::create_dir_all(dir)?;
         let mut highest = None;
         let mut bytes = 0;
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            let name = entry.file_name();
-            let Some(number) = name.to_str().and_then(segment_number) else { continue };
-            highest = highest.max(Some(number));
-            bytes += entry.metadata()?.len();
+        match std::fs::read_dir(dir) {
+            Ok(entries) => {
+                for entry in entries {
+                    let entry = entry?;
+                    let name = entry.file_name();
+                    let Some(number) = name.to_str().and_then(segment_number) else { continue };
+                    highest = highest.max(Some(number));
+                    bytes += entry.metadata()?.len();
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e),
         }
         let segment = highest.map_or(0, |n| n + 1);
-        let writer = Writer { file: None, segment, offset: 0, buffer: Vec::new(), bytes };
+        let writer = Writer { file: None, segment, offset: 0, direct: None, buffer: Vec::new(), bytes };
         Ok(BatchLog {
             dir: dir.to_path_buf(),
-            direct: direct_io_supported(dir),
             segment_bytes: segment_bytes.max(ALIGN as u64),
             writer: Mutex::new(writer),
         })
-    }
-
-    /// Whether appends bypass the page cache.
-    pub fn direct(&self) -> bool {
-        self.direct
     }
 
     /// Bytes in all segments (for metrics).
@@ -105,39 +109,71 @@ impl BatchLog {
         self.dir.join(format!("{segment:016}{SEGMENT_SUFFIX}"))
     }
 
-    /// Appends `batches` in one write and syncs it; returns where each one is. On an
-    /// error nothing that was returned before is affected (the failed bytes are left
+    /// Appends `batches` and syncs them; returns where each one is. On an error
+    /// nothing that was returned before is affected (the failed bytes are left
     /// unreferenced and the next append starts after them).
     pub fn append(&self, batches: &[(Digest, &[u8])]) -> io::Result<Vec<BatchLocation>> {
-        if batches.is_empty() {
-            return Ok(Vec::new());
-        }
         let mut guard = self.lock();
         let writer = &mut *guard;
-        let total: usize = batches.iter().map(|(_, bytes)| HEADER_BYTES + bytes.len()).sum();
-        let padded = total.next_multiple_of(ALIGN);
-        if writer.file.is_none() || (writer.offset > 0 && writer.offset + padded as u64 > self.segment_bytes)
+        let mut locations = Vec::with_capacity(batches.len());
+        let mut rest = batches;
+        while !rest.is_empty() {
+            // The longest run of records that fits in one write (at least one record).
+            let mut total = 0;
+            let mut count = 0;
+            for (_, bytes) in rest {
+                let record = HEADER_BYTES + bytes.len();
+                if count > 0 && total + record > MAX_WRITE {
+                    break;
+                }
+                total += record;
+                count += 1;
+            }
+            let (piece, after) = rest.split_at(count);
+            rest = after;
+            self.write_piece(writer, piece, total.next_multiple_of(ALIGN), &mut locations)?;
+        }
+        if let Some(file) = &writer.file
+            && !locations.is_empty()
         {
-            if writer.file.is_some() {
+            file.sync_data()?;
+        }
+        Ok(locations)
+    }
+
+    /// Writes one run of records (`padded` bytes with their headers and padding) at the
+    /// end of the current segment, or of a new one if it would not fit.
+    fn write_piece(
+        &self,
+        writer: &mut Writer,
+        piece: &[(Digest, &[u8])],
+        padded: usize,
+        locations: &mut Vec<BatchLocation>,
+    ) -> io::Result<()> {
+        let full = writer.offset > 0 && writer.offset + padded as u64 > self.segment_bytes;
+        if writer.file.is_none() || full {
+            if let Some(old) = writer.file.take() {
+                // What this append wrote there must be durable before it is named.
+                old.sync_data()?;
                 writer.segment += 1;
             }
-            writer.file = Some(self.create_segment(writer.segment)?);
+            writer.file = Some(self.create_segment(writer)?);
             writer.offset = 0;
         }
-        if writer.buffer.len() < padded + ALIGN {
-            writer.buffer = vec![0; (padded + ALIGN).next_power_of_two()];
+        let needed = padded + ALIGN;
+        if writer.buffer.len() < needed {
+            // Doubling up to the write limit (each new page costs a fault and a clear).
+            let doubled = needed.next_power_of_two().min(MAX_WRITE + ALIGN);
+            writer.buffer = vec![0; needed.max(doubled)];
         }
         let start = writer.buffer.as_ptr().align_offset(ALIGN);
-        let Some(out) = writer.buffer.get_mut(start..start + padded) else {
+        let Some(out) = start.checked_add(padded).and_then(|end| writer.buffer.get_mut(start..end)) else {
             return Err(io::Error::other("no aligned window in the staging buffer"));
         };
-        let mut locations = Vec::with_capacity(batches.len());
         let mut pos = 0;
-        for (digest, bytes) in batches {
+        for (digest, bytes) in piece {
             let len = u32::try_from(bytes.len()).map_err(|_| io::Error::other("a batch over 4 GiB"))?;
-            out[pos..pos + 4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
-            out[pos + 4..pos + 8].copy_from_slice(&len.to_le_bytes());
-            out[pos + 8..pos + HEADER_BYTES].copy_from_slice(digest.as_bytes());
+            out[pos..pos + HEADER_BYTES].copy_from_slice(&header(len, digest));
             pos += HEADER_BYTES;
             out[pos..pos + bytes.len()].copy_from_slice(bytes);
             locations.push(BatchLocation {
@@ -153,30 +189,60 @@ impl BatchLog {
         let at = writer.offset;
         writer.offset += padded as u64;
         writer.bytes += padded as u64;
-        file.write_all_at(out, at)?;
-        file.sync_data()?;
-        Ok(locations)
+        file.write_all_at(out, at)
     }
 
-    fn create_segment(&self, segment: u64) -> io::Result<File> {
+    fn create_segment(&self, writer: &mut Writer) -> io::Result<File> {
+        if writer.direct.is_none() {
+            // The first segment since the open: the directory may be new, and its own
+            // name must survive a crash too.
+            let existed = self.dir.is_dir();
+            std::fs::create_dir_all(&self.dir)?;
+            if !existed && let Some(parent) = self.dir.parent() {
+                File::open(parent)?.sync_all()?;
+            }
+            writer.direct = Some(direct_io_supported(&self.dir));
+        }
         let mut options = OpenOptions::new();
         options.write(true).create_new(true);
-        if self.direct {
+        if writer.direct == Some(true) {
             options.custom_flags(libc::O_DIRECT);
         }
-        let file = options.open(self.segment_path(segment))?;
+        let file = options.open(self.segment_path(writer.segment))?;
         // The new name must survive a crash as well as the bytes written under it.
         File::open(&self.dir)?.sync_all()?;
         Ok(file)
     }
 
-    /// The bytes at `at` (not checked: the caller compares them with their digest).
-    pub fn read(&self, at: &BatchLocation) -> io::Result<Vec<u8>> {
+    /// The batch `digest` at `at`, with its record header checked (magic, length,
+    /// digest): a location that points elsewhere is an error. The bytes themselves are
+    /// not hashed here (execution checks them against the digest).
+    pub fn read(&self, at: &BatchLocation, digest: &Digest) -> io::Result<Vec<u8>> {
         let file = File::open(self.segment_path(at.segment))?;
-        let mut bytes = vec![0; at.len as usize];
-        file.read_exact_at(&mut bytes, at.offset)?;
+        let start = at
+            .offset
+            .checked_sub(HEADER_BYTES as u64)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a location inside a record header"))?;
+        let mut bytes = vec![0; HEADER_BYTES + at.len as usize];
+        file.read_exact_at(&mut bytes, start)?;
+        if bytes[..HEADER_BYTES] != header(at.len, digest) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "the record header there does not name this batch and length",
+            ));
+        }
+        bytes.drain(..HEADER_BYTES);
         Ok(bytes)
     }
+}
+
+/// A record's header: magic, length, batch digest.
+fn header(len: u32, digest: &Digest) -> [u8; HEADER_BYTES] {
+    let mut out = [0; HEADER_BYTES];
+    out[..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+    out[4..8].copy_from_slice(&len.to_le_bytes());
+    out[8..].copy_from_slice(digest.as_bytes());
+    out
 }
 
 fn segment_number(name: &str) -> Option<u64> {
@@ -226,14 +292,14 @@ mod tests {
             assert!(locations.windows(2).all(|w| w[0].segment <= w[1].segment));
         }
         let log = BatchLog::open(dir.path(), SEGMENT_BYTES).unwrap();
-        for ((_, bytes), at) in batches.iter().zip(&locations) {
-            assert_eq!(&log.read(at).unwrap(), bytes);
+        for ((digest, bytes), at) in batches.iter().zip(&locations) {
+            assert_eq!(&log.read(at, digest).unwrap(), bytes);
         }
         // A reopened log appends to a new segment, never after a possibly torn tail.
         let (digest, bytes) = batch(99, 10);
         let at = log.append(&[(digest, &bytes)]).unwrap()[0];
         assert!(at.segment > locations.last().unwrap().segment);
-        assert_eq!(log.read(&at).unwrap(), bytes);
+        assert_eq!(log.read(&at, &digest).unwrap(), bytes);
         let on_disk: u64 =
             std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().metadata().unwrap().len()).sum();
         assert_eq!(log.bytes(), on_disk);
@@ -246,7 +312,42 @@ mod tests {
         let log = BatchLog::open(dir.path(), SEGMENT_BYTES).unwrap();
         let (digest, bytes) = batch(1, 100);
         let at = log.append(&[(digest, &bytes)]).unwrap()[0];
-        assert!(log.read(&BatchLocation { offset: at.offset + (1 << 20), ..at }).is_err());
-        assert!(log.read(&BatchLocation { segment: 7, ..at }).is_err());
+        assert!(log.read(&BatchLocation { offset: at.offset + (1 << 20), ..at }, &digest).is_err());
+        assert!(log.read(&BatchLocation { segment: 7, ..at }, &digest).is_err());
+        assert!(log.read(&BatchLocation { offset: 3, ..at }, &digest).is_err(), "inside a header");
+    }
+
+    #[test]
+    fn a_location_that_names_another_record_or_length_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = BatchLog::open(&dir.path().join("batches"), SEGMENT_BYTES).unwrap();
+        let (a, b) = (batch(1, 100), batch(2, 300));
+        let at = log.append(&[(a.0, &a.1), (b.0, &b.1)]).unwrap();
+        assert_eq!(log.read(&at[1], &b.0).unwrap(), b.1);
+        let wrong = [
+            log.read(&at[0], &b.0),                                               // another digest
+            log.read(&BatchLocation { len: 99, ..at[0] }, &a.0),                  // another length
+            log.read(&BatchLocation { offset: at[0].offset + 1, ..at[0] }, &a.0), // shifted
+        ];
+        for result in wrong {
+            assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidData);
+        }
+    }
+
+    #[test]
+    fn a_large_append_is_written_in_pieces_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        // Nothing is created before the first append.
+        let log = BatchLog::open(&dir.path().join("batches"), SEGMENT_BYTES).unwrap();
+        assert!(!dir.path().join("batches").exists());
+        let batches: Vec<_> = (1..=20u8).map(|i| batch(i, (1 << 20) - i as usize)).collect();
+        let refs: Vec<_> = batches.iter().map(|(d, b)| (*d, b.as_slice())).collect();
+        let locations = log.append(&refs).unwrap();
+        for ((digest, bytes), at) in batches.iter().zip(&locations) {
+            assert_eq!(&log.read(at, digest).unwrap(), bytes);
+        }
+        let buffer = log.lock().buffer.len();
+        assert!(buffer <= MAX_WRITE + ALIGN, "the staging buffer stays bounded: {buffer}");
+        assert!(log.bytes() >= 20 << 20);
     }
 }

@@ -32,6 +32,11 @@ pub struct BenchReport {
     pub cpu_us_per_tx: Option<f64>,
     /// CPU seconds the load generator (this process) used.
     pub load_generator_cpu_seconds: f64,
+    /// Bytes each replica's data directory grew by during the run (RocksDB and the
+    /// batch log), when the directories are known.
+    pub storage_bytes_per_node: Vec<u64>,
+    /// Bytes stored per committed transaction, per replica (mean over the replicas).
+    pub storage_bytes_per_tx: Option<f64>,
     /// Per second of the run (by submit time): what committed and how long it took.
     /// Shows stalls (a snapshot, a view change) that the percentiles only hint at.
     pub timeline: Vec<Second>,
@@ -232,6 +237,7 @@ pub fn report(
     measured: Measured,
     cpu_seconds_per_node: Vec<f64>,
     load_generator_cpu_seconds: f64,
+    storage_bytes_per_node: Vec<u64>,
 ) -> BenchReport {
     let Measured { submitted, rejected, latencies_us: mut latencies, duration_s, timeline, client_errors } =
         measured;
@@ -250,6 +256,9 @@ pub fn report(
         latencies.iter().sum::<u64>() as f64 / latencies.len() as f64 / 1000.0
     };
     let cpu_total: f64 = cpu_seconds_per_node.iter().sum();
+    let stored: u64 = storage_bytes_per_node.iter().sum();
+    let storage_bytes_per_tx = (committed > 0 && !storage_bytes_per_node.is_empty())
+        .then(|| stored as f64 / storage_bytes_per_node.len() as f64 / committed as f64);
     BenchReport {
         nodes,
         tx_size,
@@ -266,9 +275,21 @@ pub fn report(
         cpu_us_per_tx: (committed > 0 && cpu_total > 0.0).then(|| cpu_total * 1e6 / committed as f64),
         cpu_seconds_per_node,
         load_generator_cpu_seconds,
+        storage_bytes_per_node,
+        storage_bytes_per_tx,
         timeline,
         client_errors,
     }
+}
+
+/// Bytes in the files under `dir` (their lengths; 0 for what cannot be read).
+pub fn directory_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .filter_map(|entry| Some((entry.path(), entry.metadata().ok()?)))
+        .map(|(path, meta)| if meta.is_dir() { directory_bytes(&path) } else { meta.len() })
+        .sum()
 }
 
 /// CPU seconds (user + system) a process has used, from /proc.

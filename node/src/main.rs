@@ -614,12 +614,20 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     };
     // CPU per replica only when every replica's process is known.
     let pids = if pids.len() == nodes { pids } else { Vec::new() };
+    // The testnet layout's data directories (RocksDB and the batch log of each
+    // replica): a fresh testnet's replicas may not have made theirs yet; a running
+    // testnet's are measured only if they are all there.
+    let data_dirs: Vec<PathBuf> = (0..nodes).map(|i| dir.join("data").join(format!("node{i}"))).collect();
+    let data_dirs =
+        if fresh.is_some() || data_dirs.iter().all(|d| d.is_dir()) { data_dirs } else { Vec::new() };
     let settle = if fresh.is_some() { Duration::from_secs(2) } else { Duration::ZERO };
     let result = runtime()?.block_on(async {
         tokio::time::sleep(settle).await; // let fresh replicas connect
         let own_before = bulwark_node::bench::process_cpu_seconds(std::process::id()).unwrap_or(0.0);
         let cpu_before: Vec<f64> =
             pids.iter().map(|p| bulwark_node::bench::process_cpu_seconds(*p).unwrap_or(0.0)).collect();
+        let stored_before: Vec<u64> =
+            data_dirs.iter().map(|d| bulwark_node::bench::directory_bytes(d)).collect();
         let bar = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(duration) };
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} s {msg}")
@@ -647,7 +655,12 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             })
             .collect();
         let own = bulwark_node::bench::process_cpu_seconds(std::process::id()).unwrap_or(0.0) - own_before;
-        measured.map(|m| bulwark_node::bench::report(nodes, tx_size, rate, m, cpu, own))
+        let stored: Vec<u64> = data_dirs
+            .iter()
+            .zip(&stored_before)
+            .map(|(d, before)| bulwark_node::bench::directory_bytes(d).saturating_sub(*before))
+            .collect();
+        measured.map(|m| bulwark_node::bench::report(nodes, tx_size, rate, m, cpu, own, stored))
     });
     let failed = result.as_ref().map_or(true, |r| !r.client_errors.is_empty());
     if let Some((temp, mut children)) = fresh {
@@ -687,6 +700,14 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             report.cpu_us_per_tx.map(|c| format!("{c:.0}")).unwrap_or("-".into()),
             report.load_generator_cpu_seconds
         );
+        if let Some(per_tx) = report.storage_bytes_per_tx {
+            let mib: Vec<String> = report
+                .storage_bytes_per_node
+                .iter()
+                .map(|b| format!("{:.0}", *b as f64 / 1048576.0))
+                .collect();
+            println!("storage grew by [{}] MiB per replica: {per_tx:.0} B per committed tx", mib.join(", "));
+        }
         if let Some(worst) =
             report.timeline.iter().max_by(|a, b| a.latency_ms_mean.total_cmp(&b.latency_ms_mean))
         {

@@ -61,6 +61,8 @@ pub struct PendingBatch {
     pub persisted: bool,
     /// Arrival order (proposals take batches oldest first).
     order: u64,
+    /// What a peer's batch was charged against its author's quota (0 for own batches).
+    peer_charge: usize,
     /// For this replica's own batches: what admission charged for them and when the
     /// batch was last sent to the peers.
     own: Option<OwnBatch>,
@@ -182,7 +184,7 @@ impl Mempool {
         self.own_order.insert(self.next_order, digest);
         // Its transactions, sharing the batch's buffer, for execution to take.
         let txs = crate::wire::decode_batch(&bytes);
-        self.insert(digest, self.me, bytes.clone(), txs, Some(own));
+        self.insert(digest, self.me, bytes.clone(), txs, 0, Some(own));
         self.sealed.push((digest, bytes));
     }
 
@@ -197,12 +199,14 @@ impl Mempool {
         author: ReplicaId,
         bytes: Bytes,
         txs: Option<Vec<Transaction>>,
+        peer_charge: usize,
         own: Option<OwnBatch>,
     ) {
         let order = self.next_order;
         self.next_order += 1;
         self.by_order.insert(order, digest);
-        self.batches.insert(digest, PendingBatch { author, bytes, txs, persisted: false, order, own });
+        let batch = PendingBatch { author, bytes, txs, persisted: false, order, peer_charge, own };
+        self.batches.insert(digest, batch);
     }
 
     /// The transactions of a pending batch, decoded when it arrived; `None` if the
@@ -226,14 +230,17 @@ impl Mempool {
         if self.batches.contains_key(&digest) || self.executed.contains(&digest) {
             return BatchAdmission::Known;
         }
-        let charge = bytes.len().max(MIN_BATCH_CHARGE);
+        // The decoded transactions are held too (a few bytes of wire each can be a
+        // `Transaction` in memory), so they count against the quota with the bytes.
+        let decoded = txs.as_ref().map_or(0, |txs| txs.len() * size_of::<Transaction>());
+        let charge = (bytes.len() + decoded).max(MIN_BATCH_CHARGE);
         let (used, count) = self.peer_usage.entry(from).or_default();
         if !solicited && (*used + charge > self.limits.peer_quota_bytes || *count >= MAX_PEER_BATCHES) {
             return BatchAdmission::OverQuota;
         }
         *used += charge;
         *count += 1;
-        self.insert(digest, from, bytes, txs, None);
+        self.insert(digest, from, bytes, txs, charge, None);
         BatchAdmission::Stored
     }
 
@@ -303,7 +310,7 @@ impl Mempool {
                 }
                 None => {
                     if let Some((used, count)) = self.peer_usage.get_mut(&batch.author) {
-                        *used = used.saturating_sub(batch.bytes.len().max(MIN_BATCH_CHARGE));
+                        *used = used.saturating_sub(batch.peer_charge);
                         *count = count.saturating_sub(1);
                     }
                 }
@@ -460,6 +467,33 @@ mod tests {
             m.add_batch(ReplicaId(1), d(5), batch(5), None, false),
             BatchAdmission::Stored,
             "quota released"
+        );
+    }
+
+    #[test]
+    fn decoded_transactions_count_against_their_peers_quota() {
+        // Empty operations are a few bytes each on the wire but a whole `Transaction`
+        // each in memory: a batch of them is charged for what it holds decoded.
+        let txs: Vec<Transaction> = (0..1000).map(|i| tx(9, i, 0)).collect();
+        let bytes = Bytes::from(encode_batch(&txs));
+        let decoded = crate::wire::decode_batch(&bytes).expect("well formed");
+        let held = bytes.len() + decoded.len() * size_of::<Transaction>();
+        assert!(bytes.len() * 4 < held, "the wire form is much smaller");
+        let quota = MempoolLimits { peer_quota_bytes: held + MIN_BATCH_CHARGE - 1, ..limits() };
+        let mut m = Mempool::new(ReplicaId(0), quota);
+        let digest = batch_digest(&bytes);
+        assert_eq!(m.add_batch(ReplicaId(1), digest, bytes, Some(decoded), false), BatchAdmission::Stored);
+        let small = Bytes::from(vec![1; 40]);
+        assert_eq!(
+            m.add_batch(ReplicaId(1), batch_digest(&small), small.clone(), None, false),
+            BatchAdmission::OverQuota,
+            "the decoded batch used all but 1 KiB"
+        );
+        m.executed(digest);
+        assert_eq!(
+            m.add_batch(ReplicaId(1), batch_digest(&small), small, None, false),
+            BatchAdmission::Stored,
+            "released in full"
         );
     }
 

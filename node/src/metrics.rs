@@ -162,10 +162,14 @@ impl Default for Metrics {
             "Execution state digest mismatches",
             m.digest_mismatches.clone(),
         );
-        registry.register("storage_bytes", "Bytes in RocksDB SST files", m.storage_bytes.clone());
+        registry.register(
+            "storage_bytes",
+            "Bytes in RocksDB SST and blob files and the batch log",
+            m.storage_bytes.clone(),
+        );
         registry.register(
             "persist_seconds",
-            "Duration of a protocol step's synced RocksDB write",
+            "Duration of a protocol step's synced writes (batch log, then RocksDB)",
             m.persist_seconds.clone(),
         );
         registry.register(

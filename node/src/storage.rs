@@ -261,7 +261,7 @@ impl Store {
     /// is a corrupted store.
     pub fn batch(&self, digest: &Digest) -> Result<Option<Vec<u8>>, StorageError> {
         let Some(at) = self.get::<BatchLocation>("batches", digest.as_bytes())? else { return Ok(None) };
-        self.batch_log.read(&at).map(Some).map_err(|e| StorageError::Corrupt {
+        self.batch_log.read(&at, digest).map(Some).map_err(|e| StorageError::Corrupt {
             cf: "batches",
             key: digest.to_string(),
             reason: format!("its bytes at {at:?} in the batch log cannot be read: {e}"),

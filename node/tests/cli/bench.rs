@@ -47,6 +47,9 @@ fn bench_runs_for_its_duration_and_its_json_has_throughput_and_latency() {
     );
     assert!(mean > 0.0 && p50 > 0.0 && p50 <= p95 && p95 <= p99, "{report}");
     assert_eq!(report["cpu_seconds_per_node"].as_array().map(Vec::len), Some(4), "{report}");
+    // Every replica stores every transaction's bytes (in its batch log) at least once.
+    assert_eq!(report["storage_bytes_per_node"].as_array().map(Vec::len), Some(4), "{report}");
+    assert!(number("storage_bytes_per_tx") >= 128.0, "{report}");
     // With --json only the report is printed.
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
 }
