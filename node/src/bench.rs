@@ -14,6 +14,10 @@ use crate::client::Client;
 /// What one benchmark run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
+    /// The machine the run was on (CPU model and logical CPUs): numbers from different
+    /// machines do not compare.
+    pub cpu_model: String,
+    pub cpus: usize,
     pub nodes: usize,
     pub tx_size: usize,
     pub offered_rate: u64,
@@ -260,6 +264,8 @@ pub fn report(
     let storage_bytes_per_tx = (committed > 0 && !storage_bytes_per_node.is_empty())
         .then(|| stored as f64 / storage_bytes_per_node.len() as f64 / committed as f64);
     BenchReport {
+        cpu_model: cpu_model(),
+        cpus: std::thread::available_parallelism().map_or(0, usize::from),
         nodes,
         tx_size,
         offered_rate: rate,
@@ -280,6 +286,16 @@ pub fn report(
         timeline,
         client_errors,
     }
+}
+
+/// The CPU model Linux reports (empty where /proc/cpuinfo does not say).
+fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find_map(|line| {
+            line.strip_prefix("model name")?.split_once(':').map(|(_, model)| model.trim().to_string())
+        })
+        .unwrap_or_default()
 }
 
 /// Bytes in the files under `dir` (their lengths; 0 for what cannot be read).

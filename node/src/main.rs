@@ -678,6 +678,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         eprintln!("a load client stopped early: {error}");
     }
     if !json {
+        println!("machine: {} ({} CPUs)", report.cpu_model, report.cpus);
         println!(
             "{} replicas, {} B txs, offered {} tx/s for {} s: committed {:.0} tx/s ({} of {} submitted, {} rejected)",
             report.nodes,

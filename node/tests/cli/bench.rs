@@ -36,6 +36,7 @@ fn bench_runs_for_its_duration_and_its_json_has_throughput_and_latency() {
         report[field].as_f64().unwrap_or_else(|| panic!("field {field} missing or not a number: {report}"))
     };
     assert_eq!(number("nodes"), 4.0);
+    assert!(number("cpus") >= 1.0, "{report}");
     assert_eq!(number("offered_rate"), 300.0);
     assert!((2.5..10.0).contains(&number("duration_s")), "{report}");
     assert!(number("committed") > 0.0 && number("committed_tps") > 0.0, "{report}");
