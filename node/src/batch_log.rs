@@ -218,20 +218,23 @@ impl BatchLog {
     /// digest): a location that points elsewhere is an error. The bytes themselves are
     /// not hashed here (execution checks them against the digest).
     pub fn read(&self, at: &BatchLocation, digest: &Digest) -> io::Result<Vec<u8>> {
+        let invalid = |what: &str| io::Error::new(io::ErrorKind::InvalidData, what.to_string());
         let file = File::open(self.segment_path(at.segment))?;
         let start = at
             .offset
             .checked_sub(HEADER_BYTES as u64)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "a location inside a record header"))?;
-        let mut bytes = vec![0; HEADER_BYTES + at.len as usize];
-        file.read_exact_at(&mut bytes, start)?;
-        if bytes[..HEADER_BYTES] != header(at.len, digest) {
-            return Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "the record header there does not name this batch and length",
-            ));
+            .ok_or_else(|| invalid("a location inside a record header"))?;
+        // A damaged location must not make a huge allocation: the record must be there.
+        if at.offset.saturating_add(u64::from(at.len)) > file.metadata()?.len() {
+            return Err(invalid("a location past the end of its segment"));
         }
-        bytes.drain(..HEADER_BYTES);
+        let mut head = [0; HEADER_BYTES];
+        file.read_exact_at(&mut head, start)?;
+        if head != header(at.len, digest) {
+            return Err(invalid("the record header there does not name this batch and length"));
+        }
+        let mut bytes = vec![0; at.len as usize];
+        file.read_exact_at(&mut bytes, at.offset)?;
         Ok(bytes)
     }
 }
@@ -313,6 +316,7 @@ mod tests {
         let (digest, bytes) = batch(1, 100);
         let at = log.append(&[(digest, &bytes)]).unwrap()[0];
         assert!(log.read(&BatchLocation { offset: at.offset + (1 << 20), ..at }, &digest).is_err());
+        assert!(log.read(&BatchLocation { len: u32::MAX, ..at }, &digest).is_err(), "no 4 GiB buffer");
         assert!(log.read(&BatchLocation { segment: 7, ..at }, &digest).is_err());
         assert!(log.read(&BatchLocation { offset: 3, ..at }, &digest).is_err(), "inside a header");
     }
