@@ -153,12 +153,19 @@ impl BatchLog {
         let full = writer.offset > 0 && writer.offset + padded as u64 > self.segment_bytes;
         if writer.file.is_none() || full {
             if let Some(old) = writer.file.take() {
+                writer.segment += 1;
                 // What this append wrote there must be durable before it is named.
                 old.sync_data()?;
-                writer.segment += 1;
             }
-            writer.file = Some(self.create_segment(writer)?);
             writer.offset = 0;
+            match self.create_segment(writer) {
+                Ok(file) => writer.file = Some(file),
+                Err(e) => {
+                    // The name may exist now: the next try takes the next one.
+                    writer.segment += 1;
+                    return Err(e);
+                }
+            }
         }
         let needed = padded + ALIGN;
         if writer.buffer.len() < needed {
@@ -336,6 +343,19 @@ mod tests {
         for result in wrong {
             assert_eq!(result.unwrap_err().kind(), io::ErrorKind::InvalidData);
         }
+    }
+
+    #[test]
+    fn a_segment_that_cannot_be_created_fails_one_append_not_the_next() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = BatchLog::open(dir.path(), SEGMENT_BYTES).unwrap();
+        // Something else took the name the first segment would get.
+        std::fs::write(log.segment_path(0), b"not ours").unwrap();
+        let (digest, bytes) = batch(3, 500);
+        assert_eq!(log.append(&[(digest, &bytes)]).unwrap_err().kind(), io::ErrorKind::AlreadyExists);
+        let at = log.append(&[(digest, &bytes)]).unwrap()[0];
+        assert_eq!(at.segment, 1);
+        assert_eq!(log.read(&at, &digest).unwrap(), bytes);
     }
 
     #[test]
