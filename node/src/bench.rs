@@ -14,8 +14,8 @@ use crate::client::Client;
 /// What one benchmark run measured.
 #[derive(Clone, Debug, Serialize)]
 pub struct BenchReport {
-    /// The machine the run was on (CPU model and logical CPUs): numbers from different
-    /// machines do not compare.
+    /// The machine the run was on (CPU model, and the CPUs this process may use):
+    /// numbers from different machines do not compare.
     pub cpu_model: String,
     pub cpus: usize,
     pub nodes: usize,
@@ -36,8 +36,10 @@ pub struct BenchReport {
     pub cpu_us_per_tx: Option<f64>,
     /// CPU seconds the load generator (this process) used.
     pub load_generator_cpu_seconds: f64,
-    /// Bytes each replica's data directory grew by during the run (RocksDB and the
-    /// batch log), when the directories are known.
+    /// Bytes each replica's data directory grew by during the run (RocksDB's files,
+    /// its logs included, and the batch log with its 4 KiB padding per synced step),
+    /// when the directories are known. A fresh testnet's replicas may make theirs after
+    /// the first reading: then its growth counts from empty.
     pub storage_bytes_per_node: Vec<u64>,
     /// Bytes stored per committed transaction, per replica (mean over the replicas).
     pub storage_bytes_per_tx: Option<f64>,
