@@ -122,6 +122,9 @@ impl BatchLog {
             let mut total = 0;
             let mut count = 0;
             for (_, bytes) in rest {
+                if u32::try_from(bytes.len()).is_err() {
+                    return Err(io::Error::other("a batch over 4 GiB"));
+                }
                 let record = HEADER_BYTES + bytes.len();
                 if count > 0 && total + record > MAX_WRITE {
                     break;
@@ -184,7 +187,7 @@ impl BatchLog {
         };
         let mut pos = 0;
         for (digest, bytes) in piece {
-            let len = u32::try_from(bytes.len()).map_err(|_| io::Error::other("a batch over 4 GiB"))?;
+            let len = bytes.len() as u32; // checked in `append`
             out[pos..pos + HEADER_BYTES].copy_from_slice(&header(len, digest));
             pos += HEADER_BYTES;
             out[pos..pos + bytes.len()].copy_from_slice(bytes);
@@ -207,9 +210,8 @@ impl BatchLog {
     fn create_segment(&self, writer: &mut Writer) -> io::Result<File> {
         if writer.direct.is_none() {
             // The first segment since the open: the directory may be new, and its own
-            // name must survive a crash too.
-            // (Synced whether or not this process made it: a crash may have come
-            // between an earlier process's creation and its sync.)
+            // name must survive a crash too (synced even if an earlier process made it:
+            // it may have crashed before its sync).
             std::fs::create_dir_all(&self.dir)?;
             if let Some(parent) = self.dir.parent() {
                 File::open(parent)?.sync_all()?;
@@ -265,11 +267,13 @@ fn segment_number(name: &str) -> Option<u64> {
     name.strip_suffix(SEGMENT_SUFFIX)?.parse().ok()
 }
 
+/// The file [`direct_io_supported`] makes and removes.
+pub(crate) const DIRECT_IO_PROBE: &str = "direct-io-probe";
+
 /// Whether files in `dir` can be opened for direct I/O (tmpfs before Linux 6.6, for
 /// one, refuses it).
 pub(crate) fn direct_io_supported(dir: &Path) -> bool {
-    const PROBE: &str = "direct-io-probe";
-    let probe = dir.join(PROBE);
+    let probe = dir.join(DIRECT_IO_PROBE);
     let supported = std::fs::create_dir_all(dir).is_ok()
         && OpenOptions::new()
             .write(true)

@@ -126,6 +126,12 @@ impl NodeConfig {
             .map_err(|e| ConfigError::Invalid { path: path.display().to_string(), reason: e.to_string() })
     }
 
+    /// The data directory of the config file at `path` (relative paths are resolved
+    /// against the file's directory).
+    pub fn data_dir(&self, path: &Path) -> PathBuf {
+        path.parent().unwrap_or(Path::new(".")).join(&self.data_dir)
+    }
+
     /// Resolves paths, loads the committee and the key, and checks they fit together.
     pub fn settings(&self, path: &Path) -> Result<ReplicaSettings, ConfigError> {
         let base = path.parent().unwrap_or(Path::new("."));
@@ -174,7 +180,7 @@ impl NodeConfig {
             protocol,
             committee,
             key,
-            data_dir: base.join(&self.data_dir),
+            data_dir: self.data_dir(path),
             client_address: self.client_address.clone(),
             metrics_address: self.metrics_address.clone(),
             network: NetworkConfig::default(),

@@ -614,12 +614,15 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     };
     // CPU per replica only when every replica's process is known.
     let pids = if pids.len() == nodes { pids } else { Vec::new() };
-    // The testnet layout's data directories (RocksDB and the batch log of each
-    // replica): a fresh testnet's replicas may not have made theirs yet; a running
-    // testnet's are measured only if they are all there.
-    let data_dirs: Vec<PathBuf> = (0..nodes).map(|i| dir.join("data").join(format!("node{i}"))).collect();
-    let data_dirs =
-        if fresh.is_some() || data_dirs.iter().all(|d| d.is_dir()) { data_dirs } else { Vec::new() };
+    // Each replica's data directory (RocksDB and the batch log), from its config;
+    // storage is measured only when every one is known.
+    let data_dirs: Vec<PathBuf> = (0..nodes)
+        .filter_map(|i| {
+            let path = testnet::node_config_path(&dir, i);
+            NodeConfig::load(&path).ok().map(|config| config.data_dir(&path))
+        })
+        .collect();
+    let data_dirs = if data_dirs.len() == nodes { data_dirs } else { Vec::new() };
     let settle = if fresh.is_some() { Duration::from_secs(2) } else { Duration::ZERO };
     let result = runtime()?.block_on(async {
         tokio::time::sleep(settle).await; // let fresh replicas connect

@@ -106,17 +106,11 @@ struct EncodedTransaction<'a> {
     op: &'a [u8],
 }
 
-fn decode_encoded(bytes: &[u8]) -> Option<Vec<EncodedTransaction<'_>>> {
-    if bytes.len() > MAX_BATCH_BYTES {
-        return None;
-    }
-    codec::decode(bytes, MAX_BATCH_BYTES).ok()
-}
-
-/// The transactions of an encoded batch; `None` if it does not decode or is too large.
-/// Their operations share the batch's buffer (no copy per transaction).
+/// The transactions of an encoded batch; `None` if it does not decode or is over
+/// [`MAX_BATCH_BYTES`]. Their operations share the batch's buffer (no copy per
+/// transaction).
 pub fn decode_batch(bytes: &Bytes) -> Option<Vec<Transaction>> {
-    let txs = decode_encoded(bytes)?;
+    let txs: Vec<EncodedTransaction<'_>> = codec::decode(bytes, MAX_BATCH_BYTES).ok()?;
     Some(
         txs.into_iter()
             .map(|tx| Transaction { client: tx.client, sequence: tx.sequence, op: bytes.slice_ref(tx.op) })
