@@ -26,7 +26,7 @@ use serde::{Deserialize, Serialize};
 use crate::batch_log::{BatchLocation, BatchLog, SEGMENT_BYTES, direct_io_supported};
 
 /// Bumped when the on-disk format changes incompatibly.
-pub const STORAGE_VERSION: u32 = 3;
+pub const STORAGE_VERSION: u32 = 4;
 const CFS: [&str; 6] = ["meta", "chain", "safety", "log", "snapshot", "batches"];
 /// Bytes of memtables (writes not yet flushed to files) across all column families.
 const MEMTABLE_BUDGET: usize = 64 << 20;
