@@ -183,7 +183,7 @@ async fn throughput(
     let started = Instant::now();
     let receiving = async {
         for expected in 0..count {
-            let (_, message) = inbound.recv().await.expect("receive");
+            let (_, message, _) = inbound.recv().await.expect("receive");
             assert_eq!(message.seq, expected, "in order, nothing dropped");
         }
     };
@@ -213,7 +213,7 @@ async fn ping_pong<S: Sender + Send + Sync + 'static>(
     rounds: usize,
 ) -> Latency {
     let echo = tokio::spawn(async move {
-        while let Some((_, message)) = b_in.recv().await {
+        while let Some((_, message, _)) = b_in.recv().await {
             send(&b, &message).await;
         }
     });
@@ -223,7 +223,7 @@ async fn ping_pong<S: Sender + Send + Sync + 'static>(
         message.seq = round as u64;
         let started = Instant::now();
         send(a, &message).await;
-        let (_, back) = a_in.recv().await.expect("echo");
+        let (_, back, _) = a_in.recv().await.expect("echo");
         assert_eq!(back.seq, round as u64);
         if round >= rounds / 10 {
             samples.push(started.elapsed());

@@ -203,7 +203,7 @@ async fn accept_clients<Req, Resp>(
                 let mut reader = FrameReader::new(recv, config.max_frame_bytes, counters.clone());
                 let (connection, deliver) = (connection.clone(), deliver.clone());
                 tokio::spawn(async move {
-                    while let Some(request) = reader.next::<Req>(&connection).await {
+                    while let Some((request, _)) = reader.next::<Req>(&connection).await {
                         let request = ClientRequest { client, request, reply: reply.clone() };
                         if deliver.send(request).await.is_err() {
                             return;
@@ -330,7 +330,7 @@ impl<Req: Serialize, Resp: DeserializeOwned> ClientConnection<Req, Resp> {
 
     /// The next reply. A malformed or oversized reply closes the session.
     pub async fn recv(&mut self) -> Result<Resp, NetworkError> {
-        self.reader.next(&self.connection).await.ok_or(NetworkError::Closed)
+        self.reader.next(&self.connection).await.map(|(reply, _)| reply).ok_or(NetworkError::Closed)
     }
 
     pub fn counters(&self) -> &Arc<NetworkCounters> {

@@ -6,6 +6,10 @@ use bulwark_crypto::codec::MAX_DECODE_BYTES;
 
 use crate::NetworkError;
 
+/// Largest receive budget (a frame's charge is taken as one semaphore request, counted
+/// in `u32`).
+const MAX_BUDGET_BYTES: usize = u32::MAX as usize;
+
 /// Limits and timers of the transport. [`NetworkConfig::default`] suits a committee on
 /// a LAN or WAN; tests shrink the timers.
 #[derive(Clone, Debug)]
@@ -19,6 +23,12 @@ pub struct NetworkConfig {
     /// Received messages buffered for the node; when full, readers wait (QUIC flow
     /// control then slows the senders).
     pub receive_queue_capacity: usize,
+    /// Bytes of received frames each replica may have in our hands at once: a message
+    /// holds its frame's length until the node drops its [`Charge`](crate::Charge),
+    /// wherever it is queued. When a sender's budget is spent, its streams are not
+    /// read until the node catches up (QUIC flow control then slows that sender only).
+    /// At least `max_frame_bytes`.
+    pub receive_budget_bytes: usize,
     /// Reconnection backoff: the first retry waits about this long...
     pub reconnect_min_backoff: Duration,
     /// ...and retries double up to this, each with random jitter (50–100% of the step).
@@ -41,6 +51,7 @@ impl Default for NetworkConfig {
             max_frame_bytes: 8 << 20,
             send_queue_capacity: 1024,
             receive_queue_capacity: 4096,
+            receive_budget_bytes: 64 << 20,
             reconnect_min_backoff: Duration::from_millis(100),
             reconnect_max_backoff: Duration::from_secs(5),
             handshake_timeout: Duration::from_secs(5),
@@ -64,6 +75,12 @@ impl NetworkConfig {
         }
         if self.send_queue_capacity == 0 || self.receive_queue_capacity == 0 {
             return bad("queue capacities must be at least 1".into());
+        }
+        if self.receive_budget_bytes < self.max_frame_bytes || self.receive_budget_bytes > MAX_BUDGET_BYTES {
+            return bad(format!(
+                "receive_budget_bytes must be max_frame_bytes ({})..={MAX_BUDGET_BYTES}, got {}",
+                self.max_frame_bytes, self.receive_budget_bytes
+            ));
         }
         if self.reconnect_min_backoff.is_zero() || self.reconnect_min_backoff > self.reconnect_max_backoff {
             return bad("need 0 < reconnect_min_backoff <= reconnect_max_backoff".into());

@@ -91,6 +91,10 @@ counters! {
     messages_sent,
     /// Messages received, authenticated and decoded.
     messages_received,
+    /// Received messages that waited because their sender's receive budget
+    /// ([`NetworkConfig::receive_budget_bytes`](crate::NetworkConfig)) was held by
+    /// messages the node had not finished with; the stream was not read meanwhile.
+    receive_budget_waits,
     /// Frame bytes written (length prefixes included).
     bytes_sent,
     /// Frame bytes received (length prefixes included).

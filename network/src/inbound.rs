@@ -9,7 +9,7 @@ use bulwark_crypto::{Committee, ReplicaId};
 use bytes::Bytes;
 use rustls::pki_types::CertificateDer;
 use serde::de::DeserializeOwned;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::counters::{NetworkCounters, add, bump};
 use crate::framing::{FrameDecoder, FrameError, decode_body};
@@ -39,15 +39,18 @@ impl FrameReader {
         FrameReader { stream, decoder: FrameDecoder::new(max_frame_bytes), max_frame_bytes, counters }
     }
 
-    /// The next message, or `None` when the stream ended, failed, or sent a bad frame
-    /// (then `connection` is closed).
-    pub(crate) async fn next<M: DeserializeOwned>(&mut self, connection: &quinn::Connection) -> Option<M> {
+    /// The next message and its frame's length, or `None` when the stream ended,
+    /// failed, or sent a bad frame (then `connection` is closed).
+    pub(crate) async fn next<M: DeserializeOwned>(
+        &mut self,
+        connection: &quinn::Connection,
+    ) -> Option<(M, usize)> {
         loop {
             match self.decoder.next_frame() {
                 Ok(Some(body)) => match decode_body(&body, self.max_frame_bytes) {
                     Ok(message) => {
                         bump(&self.counters.messages_received);
-                        return Some(message);
+                        return Some((message, body.len()));
                     }
                     Err(e) => return self.refuse(connection, e),
                 },
@@ -90,6 +93,47 @@ impl FrameReader {
         connection.close(code.into(), error.to_string().as_bytes());
         None
     }
+}
+
+/// A received message's share of its sender's receive budget
+/// ([`NetworkConfig::receive_budget_bytes`]): the length of the frame it came in. The
+/// budget is given back when this is dropped, so the node keeps it with the message
+/// (or what it made of it) until it is done with it.
+#[derive(Debug)]
+pub struct Charge(OwnedSemaphorePermit);
+
+impl Charge {
+    /// Bytes of the budget this holds.
+    pub fn bytes(&self) -> usize {
+        self.0.num_permits()
+    }
+}
+
+/// Each replica's receive budget: one per member, kept across its connections (a
+/// replica that reconnects does not get a fresh budget while its earlier messages are
+/// still held).
+pub(crate) type Budgets = BTreeMap<ReplicaId, Arc<Semaphore>>;
+
+pub(crate) fn budgets(committee: &Committee, me: ReplicaId, config: &NetworkConfig) -> Budgets {
+    committee
+        .members()
+        .iter()
+        .filter(|m| m.id != me)
+        .map(|m| (m.id, Arc::new(Semaphore::new(config.receive_budget_bytes))))
+        .collect()
+}
+
+/// Takes `bytes` of `budget`, waiting (and counting the wait) while it is spent.
+/// `None` if the budget was closed.
+async fn charge(budget: &Arc<Semaphore>, bytes: usize, counters: &NetworkCounters) -> Option<Charge> {
+    // Frames are at most `max_frame_bytes`, which validation keeps within both the
+    // budget and `u32`; an empty frame still takes one byte so that it is counted.
+    let permits = u32::try_from(bytes.max(1)).ok()?;
+    if let Ok(permit) = budget.clone().try_acquire_many_owned(permits) {
+        return Some(Charge(permit));
+    }
+    bump(&counters.receive_budget_waits);
+    budget.clone().acquire_many_owned(permits).await.ok().map(Charge)
 }
 
 /// The certificates the peer presented, if any.
@@ -145,19 +189,21 @@ pub(crate) async fn accept_replicas<M: DeserializeOwned + Send + 'static>(
     me: ReplicaId,
     config: NetworkConfig,
     counters: Arc<NetworkCounters>,
-    deliver: mpsc::Sender<(ReplicaId, M)>,
+    deliver: mpsc::Sender<(ReplicaId, M, Charge)>,
     peers: BTreeMap<ReplicaId, Arc<PeerState>>,
 ) {
     let live = Arc::new(Mutex::new(LiveConnections::default()));
     let peers = Arc::new(peers);
+    let budgets = Arc::new(budgets(&committee, me, &config));
     while let Some(incoming) = endpoint.accept().await {
-        let (committee, config, counters, deliver, live, peers) = (
+        let (committee, config, counters, deliver, live, peers, budgets) = (
             committee.clone(),
             config.clone(),
             counters.clone(),
             deliver.clone(),
             live.clone(),
             peers.clone(),
+            budgets.clone(),
         );
         tokio::spawn(async move {
             let Some(connection) = handshake(incoming, &config, &counters).await else {
@@ -195,7 +241,8 @@ pub(crate) async fn accept_replicas<M: DeserializeOwned + Send + 'static>(
                 }
                 token
             };
-            serve_replica(connection, peer, config, counters, deliver).await;
+            let Some(budget) = budgets.get(&peer).cloned() else { return };
+            serve_replica(connection, peer, budget, config, counters, deliver).await;
             let mut live = LiveConnections::lock(&live);
             if live.by_peer.get(&peer).is_some_and(|(t, _)| *t == token) {
                 live.by_peer.remove(&peer);
@@ -205,20 +252,24 @@ pub(crate) async fn accept_replicas<M: DeserializeOwned + Send + 'static>(
 }
 
 /// Reads every unidirectional stream the peer opens (at most a few at once, by the
-/// transport parameters) and delivers its messages in stream order.
+/// transport parameters) and delivers its messages in stream order, each charged to
+/// the peer's receive `budget`.
 async fn serve_replica<M: DeserializeOwned + Send + 'static>(
     connection: quinn::Connection,
     peer: ReplicaId,
+    budget: Arc<Semaphore>,
     config: NetworkConfig,
     counters: Arc<NetworkCounters>,
-    deliver: mpsc::Sender<(ReplicaId, M)>,
+    deliver: mpsc::Sender<(ReplicaId, M, Charge)>,
 ) {
     while let Ok(stream) = connection.accept_uni().await {
         let mut reader = FrameReader::new(stream, config.max_frame_bytes, counters.clone());
-        let (connection, deliver) = (connection.clone(), deliver.clone());
+        let (connection, deliver, budget, counters) =
+            (connection.clone(), deliver.clone(), budget.clone(), counters.clone());
         tokio::spawn(async move {
-            while let Some(message) = reader.next::<M>(&connection).await {
-                if deliver.send((peer, message)).await.is_err() {
+            while let Some((message, bytes)) = reader.next::<M>(&connection).await {
+                let Some(charge) = charge(&budget, bytes, &counters).await else { return };
+                if deliver.send((peer, message, charge)).await.is_err() {
                     return;
                 }
             }

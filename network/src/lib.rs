@@ -2,7 +2,8 @@
 //!
 //! - [`ReplicaNetwork`]: the replica-to-replica transport the node runtime drives:
 //!   [`ReplicaNetwork::send`], [`ReplicaNetwork::broadcast`], and a stream of
-//!   `(authenticated sender, message)` ([`Inbound`]). Generic over the message type; it
+//!   `(authenticated sender, message, charge)` ([`Inbound`]; the [`Charge`] holds the
+//!   message's share of its sender's receive budget until the node drops it). Generic over the message type; it
 //!   knows nothing of the protocol.
 //! - [`ClientEndpoint`] / [`ClientConnection`]: a separate endpoint (its own port and
 //!   ALPN) for clients, which are not committee members and may identify themselves by
@@ -33,6 +34,7 @@ pub use client::{ClientConnection, ClientEndpoint, ClientId, ClientRequest, Repl
 pub use config::NetworkConfig;
 pub use counters::{Counter, CounterSnapshot, NetworkCounters};
 pub use error::{NetworkError, SendError};
+pub use inbound::Charge;
 pub use replica::{Inbound, ReplicaNetwork};
 
 /// QUIC application error codes this transport closes connections with.

@@ -17,13 +17,15 @@ use tokio::task::JoinHandle;
 use crate::counters::{NetworkCounters, bump};
 use crate::framing::encode_frame;
 use crate::identity::{EndpointKind, Identity, endpoint_config, replica_name};
+use crate::inbound::Charge;
 use crate::peer::{Dialer, PeerState, resolve};
 use crate::{NetworkConfig, NetworkError, SendError, close_code, inbound, tls};
 
-/// Messages received from other replicas: `(authenticated sender, message)`, in order
-/// per sender connection. The sender id is the committee member whose key the peer
-/// proved in the handshake.
-pub type Inbound<M> = mpsc::Receiver<(ReplicaId, M)>;
+/// Messages received from other replicas: `(authenticated sender, message, charge)`, in
+/// order per sender connection. The sender id is the committee member whose key the
+/// peer proved in the handshake; the [`Charge`] holds the message's share of that
+/// sender's receive budget until it is dropped.
+pub type Inbound<M> = mpsc::Receiver<(ReplicaId, M, Charge)>;
 
 /// How long shutdown waits for closing connections to drain (the peers have been told
 /// at once; this only lets the close frames be retransmitted if lost).

@@ -272,7 +272,7 @@ async fn shut_down_and_restarted_peer_is_reconnected() {
             seq += 1;
             tokio::select! {
                 got = inbound.recv() => match got {
-                    Some((sender_id, m)) if sender_id == from => return m,
+                    Some((sender_id, m, _)) if sender_id == from => return m,
                     Some(_) => {}
                     None => panic!("transport stopped"),
                 },
@@ -290,7 +290,7 @@ async fn shut_down_and_restarted_peer_is_reconnected() {
     let inbound0 = &mut started[0].as_mut().unwrap().1;
     within("replica 0 hears the restarted replica", async {
         loop {
-            let (sender_id, m) = inbound0.recv().await.unwrap();
+            let (sender_id, m, _) = inbound0.recv().await.unwrap();
             if sender_id == victim && m.seq == 99 {
                 return;
             }
@@ -494,4 +494,49 @@ async fn a_peer_that_comes_up_is_dialed_at_once_not_after_the_backoff() {
     assert!(up.elapsed() < Duration::from_secs(3), "reached only after {:?}", up.elapsed());
     late.shutdown().await;
     network.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sender_cannot_make_the_node_hold_more_than_its_receive_budget() {
+    // Replica 1 floods replica 0, whose node keeps every message it received (as a node
+    // that stopped draining would): what replica 0 holds from it stays within the budget.
+    const BUDGET: usize = 1 << 20;
+    const LEN: usize = 100 << 10;
+    const SENT: u64 = 40;
+    let config = NetworkConfig { receive_budget_bytes: BUDGET, ..test_config() };
+    let (committee, keys, mut sockets) = committee(4);
+    let (receiver, mut inbound) = start(&config, &committee, &keys, 0, sockets.remove(0)).await;
+    let (sender, _) = start(&config, &committee, &keys, 1, sockets.remove(0)).await;
+    for seq in 0..SENT {
+        sender.send(ReplicaId(0), &msg(ReplicaId(1), seq, LEN)).unwrap();
+    }
+    let mut held = Vec::new();
+    within("the budget's worth of messages", async {
+        while held.len() < BUDGET / LEN {
+            held.push(inbound.recv().await.unwrap());
+        }
+    })
+    .await;
+    // Whatever else arrives, what is held never exceeds the budget; the rest waits.
+    while let Ok(Some(next)) = tokio::time::timeout(Duration::from_millis(500), inbound.recv()).await {
+        held.push(next);
+    }
+    let charged: usize = held.iter().map(|(_, _, charge)| charge.bytes()).sum();
+    assert!(charged <= BUDGET && held.len() < SENT as usize, "{} messages, {charged} bytes", held.len());
+    assert!(receiver.counters().snapshot().receive_budget_waits >= 1);
+
+    // Once the node is done with them, the rest arrives, in order.
+    let mut seqs: Vec<u64> = held.drain(..).map(|(_, m, _)| m.seq).collect();
+    let rest = receive(&mut inbound, SENT as usize - seqs.len()).await;
+    seqs.extend(rest.iter().map(|(_, m)| m.seq));
+    assert_eq!(seqs, (0..SENT).collect::<Vec<_>>());
+    sender.shutdown().await;
+    receiver.shutdown().await;
+}
+
+#[test]
+fn a_receive_budget_below_the_frame_limit_is_refused() {
+    let config = NetworkConfig { receive_budget_bytes: (1 << 20) - 1, ..test_config() };
+    let err = config.validate().unwrap_err().to_string();
+    assert!(err.contains("receive_budget_bytes"), "{err}");
 }

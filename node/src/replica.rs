@@ -24,7 +24,7 @@ use bulwark_consensus::{
     StoredRecord, Time, WireMessage,
 };
 use bulwark_crypto::{Committee, Digest, ReplicaId, Verified, codec};
-use bulwark_network::{ClientRequest, ReplicaNetwork, ReplySender};
+use bulwark_network::{Charge, ClientRequest, ReplicaNetwork, ReplySender};
 use bytes::Bytes;
 use tokio::sync::{mpsc, watch};
 
@@ -359,7 +359,7 @@ where
     /// batches (see [`spawn_verifier`]), `clients` the client requests.
     pub async fn run(
         mut self,
-        mut inbound: mpsc::Receiver<Inbound<P::Message>>,
+        mut inbound: mpsc::Receiver<(Inbound<P::Message>, Charge)>,
         mut clients: mpsc::Receiver<Req>,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<ReplicaNetwork<PeerMessage<P::Message>>, RuntimeError> {
@@ -397,7 +397,8 @@ where
                 }
                 _ = gauges.tick() => self.refresh_gauges(),
                 _ = maintenance.tick() => self.maintain()?,
-                Some(message) = inbound.recv() => self.on_inbound(message)?,
+                // The charge is given back once the message is handled.
+                Some((message, _charge)) = inbound.recv() => self.on_inbound(message)?,
                 Some(request) = clients.recv() => {
                     self.on_client(request);
                     // Take whatever else is queued before stepping the core again.
@@ -1338,12 +1339,16 @@ fn request_header((client, sequence): (u64, u64)) -> Request {
 /// [`Runtime::transferring`]) consensus messages are dropped unverified: the runtime
 /// would drop them anyway, and verifying them would delay the snapshot's chunks queued
 /// behind them.
+///
+/// Each message keeps its [`Charge`] (its share of the sender's receive budget) until
+/// the runtime has handled it, so what a peer can make this replica hold in both queues
+/// is bounded in bytes, not only in count.
 pub fn spawn_verifier<M>(
-    mut raw: mpsc::Receiver<(ReplicaId, PeerMessage<M>)>,
+    mut raw: bulwark_network::Inbound<PeerMessage<M>>,
     committee: Arc<Committee>,
     metrics: Arc<Metrics>,
     transferring: Arc<AtomicBool>,
-) -> mpsc::Receiver<Inbound<M>>
+) -> mpsc::Receiver<(Inbound<M>, Charge)>
 where
     M: WireMessage,
 {
@@ -1352,7 +1357,7 @@ where
     std::thread::Builder::new()
         .name("verifier".into())
         .spawn(move || {
-            while let Some((from, msg)) = raw.blocking_recv() {
+            while let Some((from, msg, charge)) = raw.blocking_recv() {
                 let inbound = match msg {
                     PeerMessage::Consensus(_) if transferring.load(Ordering::Relaxed) => {
                         refuse("dropped_in_state_transfer");
@@ -1393,7 +1398,7 @@ where
                         Inbound::SnapshotChunk(from, chunk)
                     }
                 };
-                if verified_tx.blocking_send(inbound).is_err() {
+                if verified_tx.blocking_send((inbound, charge)).is_err() {
                     break;
                 }
             }

@@ -91,7 +91,8 @@ pub async fn receive(inbound: &mut Inbound<Msg>, count: usize) -> Vec<(ReplicaId
     let mut got = Vec::with_capacity(count);
     within("receiving messages", async {
         while got.len() < count {
-            got.push(inbound.recv().await.expect("transport stopped"));
+            let (from, message, _charge) = inbound.recv().await.expect("transport stopped");
+            got.push((from, message));
         }
     })
     .await;
