@@ -3,8 +3,8 @@
 //! - [`ReplicaNetwork`]: the replica-to-replica transport the node runtime drives:
 //!   [`ReplicaNetwork::send`], [`ReplicaNetwork::broadcast`], and a stream of
 //!   `(authenticated sender, message, charge)` ([`Inbound`]; the [`Charge`] holds the
-//!   message's share of its sender's receive budget until the node drops it). Generic over the message type; it
-//!   knows nothing of the protocol.
+//!   message's share of its sender's receive budget until the node drops it). Generic
+//!   over the message type; it knows nothing of the protocol.
 //! - [`ClientEndpoint`] / [`ClientConnection`]: a separate endpoint (its own port and
 //!   ALPN) for clients, which are not committee members and may identify themselves by
 //!   an ed25519 key.
