@@ -77,6 +77,24 @@ async fn send(sender: &impl Sender, message: &Payload) {
 
 type Receiver = mpsc::Receiver<(ReplicaId, Payload)>;
 
+/// What either transport hands the receiver: QUIC's messages carry their receive-budget
+/// charge (given back when dropped), the TCP baseline's do not.
+trait Received: Send + 'static {
+    fn payload(self) -> Payload;
+}
+
+impl Received for (ReplicaId, Payload) {
+    fn payload(self) -> Payload {
+        self.1
+    }
+}
+
+impl Received for (ReplicaId, Payload, bulwark_network::Charge) {
+    fn payload(self) -> Payload {
+        self.1
+    }
+}
+
 /// Two replicas of a 4-member committee on loopback (the other two members' sockets
 /// are bound but silent), connected both ways.
 async fn quic_pair(queue: usize) -> (Quic, Inbound<Payload>, Quic, Inbound<Payload>, Vec<UdpSocket>) {
@@ -174,16 +192,16 @@ struct Throughput {
     mb_per_s: f64,
 }
 
-async fn throughput(
+async fn throughput<R: Received>(
     sender: &impl Sender,
-    inbound: &mut mpsc::Receiver<(ReplicaId, Payload)>,
+    inbound: &mut mpsc::Receiver<R>,
     size: usize,
     count: u64,
 ) -> Throughput {
     let started = Instant::now();
     let receiving = async {
         for expected in 0..count {
-            let (_, message, _) = inbound.recv().await.expect("receive");
+            let message = inbound.recv().await.expect("receive").payload();
             assert_eq!(message.seq, expected, "in order, nothing dropped");
         }
     };
@@ -205,15 +223,16 @@ struct Latency {
 }
 
 /// 512 B ping-pong: `a` sends, `b` echoes, `a` times the round trip.
-async fn ping_pong<S: Sender + Send + Sync + 'static>(
+async fn ping_pong<S: Sender + Send + Sync + 'static, R: Received>(
     a: &impl Sender,
-    a_in: &mut Receiver,
+    a_in: &mut mpsc::Receiver<R>,
     b: S,
-    mut b_in: Receiver,
+    mut b_in: mpsc::Receiver<R>,
     rounds: usize,
 ) -> Latency {
     let echo = tokio::spawn(async move {
-        while let Some((_, message, _)) = b_in.recv().await {
+        while let Some(received) = b_in.recv().await {
+            let message = received.payload();
             send(&b, &message).await;
         }
     });
@@ -223,7 +242,7 @@ async fn ping_pong<S: Sender + Send + Sync + 'static>(
         message.seq = round as u64;
         let started = Instant::now();
         send(a, &message).await;
-        let (_, back, _) = a_in.recv().await.expect("echo");
+        let back = a_in.recv().await.expect("echo").payload();
         assert_eq!(back.seq, round as u64);
         if round >= rounds / 10 {
             samples.push(started.elapsed());

@@ -175,7 +175,8 @@ impl Client {
             return Err(ClientError::NotEnoughReplicas { connected: senders.len(), needed });
         }
         // Every replica sends this client the replies of its requests.
-        let subscribe = Request { client: id, sequence: 0, kind: RequestKind::Subscribe, op: Vec::new() };
+        let subscribe =
+            Request { client: id, sequence: 0, kind: RequestKind::Subscribe, op: bytes::Bytes::new() };
         for sender in senders.values() {
             let _ = sender.send(subscribe.clone()).await;
         }
@@ -247,7 +248,7 @@ impl Client {
         self.next_sequence += 1;
         // Submitted now: time spent waiting on a full queue counts as latency.
         let now = tokio::time::Instant::now();
-        let request = Request { client: self.id, sequence, kind: RequestKind::Ordered, op };
+        let request = Request { client: self.id, sequence, kind: RequestKind::Ordered, op: op.into() };
         let home = self.home.and_then(|h| self.senders.get(&h)).filter(|s| !s.is_closed());
         let sent = match home {
             Some(sender) => sender.send(request.clone()).await.is_ok(),
@@ -306,8 +307,7 @@ impl Client {
 
     /// Retries every request that waited the retry delay since it was last sent: to
     /// the next replica first (which becomes the home), then to every replica.
-    async fn resend_due(&mut self) {
-        let now = tokio::time::Instant::now();
+    async fn resend_due(&mut self, now: tokio::time::Instant) {
         while let Some(&(sequence, sent)) = self.retry_queue.front() {
             let Some(entry) = self.outstanding.get(&sequence) else {
                 self.retry_queue.pop_front();
@@ -389,11 +389,13 @@ impl Client {
     async fn next_reply(&mut self, deadline: tokio::time::Instant) -> Result<Reply, ClientError> {
         loop {
             // Checked here too: replies that keep arriving (a Byzantine replica streaming
-            // replies this client ignores) must not keep the timeout from firing.
-            if tokio::time::Instant::now() >= deadline {
+            // replies this client ignores) must not keep the timeout from firing. One
+            // clock read per reply serves both checks.
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
                 return Err(ClientError::Timeout(self.timeout));
             }
-            self.resend_due().await;
+            self.resend_due(now).await;
             // Under load a reply is usually waiting: no timers to arm then. Taking it
             // still counts against the task's budget, so a stream of replies yields to
             // the runtime like a channel receive would.
@@ -533,7 +535,7 @@ impl Client {
         let sequence = self.next_sequence;
         self.next_sequence += 1;
         let sender = self.senders.get(&replica).ok_or(ClientError::UnknownReplica(replica))?;
-        let request = Request { client: self.id, sequence, kind: RequestKind::LocalRead, op };
+        let request = Request { client: self.id, sequence, kind: RequestKind::LocalRead, op: op.into() };
         let _ = sender.send(request).await;
         let deadline = tokio::time::Instant::now() + self.timeout;
         loop {
@@ -565,7 +567,7 @@ mod tests {
     fn client() -> Client {
         let (_, replies) = mpsc::channel(1);
         let senders = (0..4).map(|i| (ReplicaId(i), mpsc::channel(1).0)).collect();
-        let request = Request { client: 7, sequence: 1, kind: RequestKind::Ordered, op: vec![1] };
+        let request = Request { client: 7, sequence: 1, kind: RequestKind::Ordered, op: vec![1].into() };
         let outstanding = Outstanding {
             request,
             submitted: tokio::time::Instant::now(),
@@ -662,7 +664,7 @@ mod tests {
         // answered: an overloaded committee, not a lost request. Nothing is resent.
         wait().await;
         client.home_progress = tokio::time::Instant::now();
-        client.resend_due().await;
+        client.resend_due(tokio::time::Instant::now()).await;
         assert_eq!(sent(&mut receivers), vec![]);
 
         // Request two is certified before one: one was lost (or censored) at the home,
@@ -670,7 +672,7 @@ mod tests {
         assert!(answer(&mut client, two, Outcome::Executed(vec![]), &[0, 1]).is_some());
         wait().await;
         client.home_progress = tokio::time::Instant::now();
-        client.resend_due().await;
+        client.resend_due(tokio::time::Instant::now()).await;
         assert_eq!(sent(&mut receivers), vec![(1, one)]);
         assert_eq!(client.home(), Some(ReplicaId(1)));
         assert!(answer(&mut client, one, Outcome::Executed(vec![]), &[1, 2]).is_some());
@@ -693,7 +695,7 @@ mod tests {
         assert_eq!(sent(&mut receivers), vec![]);
         wait().await;
         client.home_progress = tokio::time::Instant::now();
-        client.resend_due().await;
+        client.resend_due(tokio::time::Instant::now()).await;
         let resent = sent(&mut receivers);
         assert!(resent.contains(&(1, three)), "{resent:?}");
         assert!(!resent.iter().any(|(r, s)| *s == three && *r != 1), "{resent:?}");

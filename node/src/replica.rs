@@ -1198,8 +1198,7 @@ where
                 if !self.register_session(request.client, client.connection, &reply) {
                     return self.reject(&reply, &request, Rejection::Busy, "too_many_sessions");
                 }
-                let tx =
-                    Transaction { client: request.client, sequence: request.sequence, op: request.op.into() };
+                let tx = Transaction { client: request.client, sequence: request.sequence, op: request.op };
                 match self.mempool.add(tx, Instant::now()) {
                     Admission::Accepted => {
                         self.metrics.batch_transactions.inc();
@@ -1328,7 +1327,7 @@ fn drop_closed(sessions: &mut Vec<(u64, ReplySender<Replies>)>, gone: &mut Vec<u
 
 /// A request carrying only its identity (for rejections after the operation moved).
 fn request_header((client, sequence): (u64, u64)) -> Request {
-    Request { client, sequence, kind: RequestKind::Ordered, op: Vec::new() }
+    Request { client, sequence, kind: RequestKind::Ordered, op: Bytes::new() }
 }
 
 /// Verifies replica messages on a thread of its own (signatures, batch digests and

@@ -151,8 +151,9 @@ pub struct Request {
     pub client: u64,
     pub sequence: u64,
     pub kind: RequestKind,
-    #[serde(with = "serde_bytes")]
-    pub op: Vec<u8>,
+    /// Shared, so that the copy a client keeps for retries costs no allocation (the
+    /// encoding is the same byte string as before).
+    pub op: Bytes,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]

@@ -408,7 +408,8 @@ async fn bad_client_input_gets_clear_errors_and_changes_nothing() {
 
     // Oversized operation: refused before ordering.
     let mut raw = connect(None).await;
-    let big = Request { client: 7, sequence: 1, kind: RequestKind::Ordered, op: vec![0; MAX_OP_BYTES + 1] };
+    let big =
+        Request { client: 7, sequence: 1, kind: RequestKind::Ordered, op: vec![0; MAX_OP_BYTES + 1].into() };
     raw.send(&big).await.expect("send");
     let reply = raw.recv().await.expect("reply").remove(0);
     assert_eq!(
@@ -423,7 +424,7 @@ async fn bad_client_input_gets_clear_errors_and_changes_nothing() {
         client: client_id_of(&key.public()) ^ 1,
         sequence: 1,
         kind: RequestKind::Ordered,
-        op: put(1),
+        op: put(1).into(),
     };
     keyed.send(&forged).await.expect("send");
     assert!(matches!(
@@ -446,8 +447,12 @@ async fn bad_client_input_gets_clear_errors_and_changes_nothing() {
     let first = client.execute(put(42)).await.expect("write");
     caught_up(first.height).await;
     let executed_before = replica0.metrics.transactions_executed.get();
-    let replay =
-        Request { client: client.id(), sequence: first.sequence, kind: RequestKind::Ordered, op: put(42) };
+    let replay = Request {
+        client: client.id(),
+        sequence: first.sequence,
+        kind: RequestKind::Ordered,
+        op: put(42).into(),
+    };
     raw.send(&replay).await.expect("send");
     let reply = 'found: loop {
         for reply in raw.recv().await.expect("replies") {
