@@ -43,6 +43,10 @@ pub struct BenchReport {
     pub storage_bytes_per_node: Vec<u64>,
     /// Bytes stored per committed transaction, per replica (mean over the replicas).
     pub storage_bytes_per_tx: Option<f64>,
+    /// View changes (rounds entered by a timeout certificate) each replica counted
+    /// during the run, read from its status endpoint before and after; empty unless
+    /// every replica's was reachable both times. None on a healthy network.
+    pub view_changes_per_node: Vec<u64>,
     /// Per second of the run (by submit time): what committed and how long it took.
     /// Shows stalls (a snapshot, a view change) that the percentiles only hint at.
     pub timeline: Vec<Second>,
@@ -285,9 +289,16 @@ pub fn report(
         load_generator_cpu_seconds,
         storage_bytes_per_node,
         storage_bytes_per_tx,
+        view_changes_per_node: Vec::new(),
         timeline,
         client_errors,
     }
+}
+
+/// Each replica's view-change count from its status endpoint (`(id, metrics
+/// address)`); `None` unless every one answered.
+pub fn view_changes(targets: &[(u16, Option<String>)]) -> Option<Vec<u64>> {
+    crate::status::collect(targets).iter().map(|node| node.report.as_ref().map(|r| r.view_changes)).collect()
 }
 
 /// The CPU model Linux reports (empty where /proc/cpuinfo does not say).

@@ -614,15 +614,18 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
     };
     // CPU per replica only when every replica's process is known.
     let pids = if pids.len() == nodes { pids } else { Vec::new() };
-    // Each replica's data directory (RocksDB and the batch log), from its config;
-    // storage is measured only when every one is known.
-    let data_dirs: Vec<PathBuf> = (0..nodes)
+    // Each replica's data directory (RocksDB and the batch log) and status endpoint,
+    // from its config; storage is measured only when every directory is known.
+    let configs: Vec<(PathBuf, NodeConfig)> = (0..nodes)
         .filter_map(|i| {
             let path = testnet::node_config_path(&dir, i);
-            NodeConfig::load(&path).ok().map(|config| config.data_dir(&path))
+            NodeConfig::load(&path).ok().map(|config| (path, config))
         })
         .collect();
+    let data_dirs: Vec<PathBuf> = configs.iter().map(|(path, config)| config.data_dir(path)).collect();
     let data_dirs = if data_dirs.len() == nodes { data_dirs } else { Vec::new() };
+    let status_targets: Vec<(u16, Option<String>)> =
+        configs.iter().map(|(_, config)| (config.id, config.metrics_address.clone())).collect();
     let settle = if fresh.is_some() { Duration::from_secs(2) } else { Duration::ZERO };
     let result = runtime()?.block_on(async {
         tokio::time::sleep(settle).await; // let fresh replicas connect
@@ -631,6 +634,7 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             pids.iter().map(|p| bulwark_node::bench::process_cpu_seconds(*p).unwrap_or(0.0)).collect();
         let stored_before: Vec<u64> =
             data_dirs.iter().map(|d| bulwark_node::bench::directory_bytes(d)).collect();
+        let views_before = bulwark_node::bench::view_changes(&status_targets);
         let bar = if json { indicatif::ProgressBar::hidden() } else { indicatif::ProgressBar::new(duration) };
         bar.set_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} s {msg}")
@@ -663,7 +667,15 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
             .zip(&stored_before)
             .map(|(d, before)| bulwark_node::bench::directory_bytes(d).saturating_sub(*before))
             .collect();
-        measured.map(|m| bulwark_node::bench::report(nodes, tx_size, rate, m, cpu, own, stored))
+        let views_after = bulwark_node::bench::view_changes(&status_targets);
+        measured.map(|m| {
+            let mut report = bulwark_node::bench::report(nodes, tx_size, rate, m, cpu, own, stored);
+            if let (Some(before), Some(after)) = (views_before, views_after) {
+                report.view_changes_per_node =
+                    after.iter().zip(&before).map(|(a, b)| a.saturating_sub(*b)).collect();
+            }
+            report
+        })
     });
     let failed = result.as_ref().map_or(true, |r| !r.client_errors.is_empty());
     if let Some((temp, mut children)) = fresh {
@@ -711,6 +723,9 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
                 .map(|b| format!("{:.0}", *b as f64 / 1048576.0))
                 .collect();
             println!("storage grew by [{}] MiB per replica: {per_tx:.0} B per committed tx", mib.join(", "));
+        }
+        if !report.view_changes_per_node.is_empty() {
+            println!("view changes during the run, per replica: {:?}", report.view_changes_per_node);
         }
         if let Some(worst) =
             report.timeline.iter().max_by(|a, b| a.latency_ms_mean.total_cmp(&b.latency_ms_mean))
