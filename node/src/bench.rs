@@ -45,7 +45,7 @@ pub struct BenchReport {
     pub storage_bytes_per_tx: Option<f64>,
     /// View changes (rounds entered by a timeout certificate) each replica counted
     /// during the run, read from its status endpoint before and after; empty unless
-    /// every replica's was reachable both times. None on a healthy network.
+    /// every replica's was reachable both times. All zero on a healthy network.
     pub view_changes_per_node: Vec<u64>,
     /// Per second of the run (by submit time): what committed and how long it took.
     /// Shows stalls (a snapshot, a view change) that the percentiles only hint at.
