@@ -6,9 +6,13 @@ use bulwark_crypto::codec::MAX_DECODE_BYTES;
 
 use crate::NetworkError;
 
-/// Largest receive budget (a frame's charge is taken as one semaphore request, counted
-/// in `u32`).
-const MAX_BUDGET_BYTES: usize = u32::MAX as usize;
+/// Largest receive budget: a frame's charge is taken as one semaphore request, counted
+/// in `u32`, from a semaphore of at most `Semaphore::MAX_PERMITS`.
+const MAX_BUDGET_BYTES: usize = if (u32::MAX as usize) < tokio::sync::Semaphore::MAX_PERMITS {
+    u32::MAX as usize
+} else {
+    tokio::sync::Semaphore::MAX_PERMITS
+};
 
 /// Limits and timers of the transport. [`NetworkConfig::default`] suits a committee on
 /// a LAN or WAN; tests shrink the timers.

@@ -109,31 +109,46 @@ impl Charge {
     }
 }
 
-/// Each replica's receive budget: one per member, kept across its connections (a
-/// replica that reconnects does not get a fresh budget while its earlier messages are
-/// still held).
-pub(crate) type Budgets = BTreeMap<ReplicaId, Arc<Semaphore>>;
+/// A replica's receive budget: one per member, kept across its connections (a replica
+/// that reconnects does not get a fresh budget while its earlier messages are still
+/// held).
+#[derive(Clone)]
+pub(crate) struct Budget {
+    bytes: Arc<Semaphore>,
+    /// What the smallest message is charged: the budget divided by this sender's share
+    /// of the receive queue's slots, so that no sender can fill the queues (shared by
+    /// all senders, bounded by count) with tiny messages either.
+    min_charge: usize,
+    total: usize,
+}
 
-pub(crate) fn budgets(committee: &Committee, me: ReplicaId, config: &NetworkConfig) -> Budgets {
+pub(crate) fn budgets(
+    committee: &Committee,
+    me: ReplicaId,
+    config: &NetworkConfig,
+) -> BTreeMap<ReplicaId, Budget> {
+    let senders = committee.size().saturating_sub(1).max(1);
+    let share = (config.receive_queue_capacity / senders).max(1);
+    let total = config.receive_budget_bytes;
     committee
         .members()
         .iter()
         .filter(|m| m.id != me)
-        .map(|m| (m.id, Arc::new(Semaphore::new(config.receive_budget_bytes))))
+        .map(|m| (m.id, Budget { bytes: Arc::new(Semaphore::new(total)), min_charge: total / share, total }))
         .collect()
 }
 
-/// Takes `bytes` of `budget`, waiting (and counting the wait) while it is spent.
-/// `None` if the budget was closed.
-async fn charge(budget: &Arc<Semaphore>, bytes: usize, counters: &NetworkCounters) -> Option<Charge> {
-    // Frames are at most `max_frame_bytes`, which validation keeps within both the
-    // budget and `u32`; an empty frame still takes one byte so that it is counted.
-    let permits = u32::try_from(bytes.max(1)).ok()?;
-    if let Ok(permit) = budget.clone().try_acquire_many_owned(permits) {
+/// Takes a frame of `bytes` from `budget` (at least its minimum charge, at most the
+/// whole budget), waiting (and counting the wait) while it is spent. `None` if the
+/// budget was closed.
+async fn charge(budget: &Budget, bytes: usize, counters: &NetworkCounters) -> Option<Charge> {
+    // Validation keeps the budget within `u32` and at least one frame.
+    let permits = u32::try_from(bytes.max(budget.min_charge).clamp(1, budget.total)).ok()?;
+    if let Ok(permit) = budget.bytes.clone().try_acquire_many_owned(permits) {
         return Some(Charge(permit));
     }
     bump(&counters.receive_budget_waits);
-    budget.clone().acquire_many_owned(permits).await.ok().map(Charge)
+    budget.bytes.clone().acquire_many_owned(permits).await.ok().map(Charge)
 }
 
 /// The certificates the peer presented, if any.
@@ -253,11 +268,14 @@ pub(crate) async fn accept_replicas<M: DeserializeOwned + Send + 'static>(
 
 /// Reads every unidirectional stream the peer opens (at most a few at once, by the
 /// transport parameters) and delivers its messages in stream order, each charged to
-/// the peer's receive `budget`.
+/// the peer's receive `budget`. A stream's reader ends with its connection, so a
+/// message read but waiting for budget or queue space is not kept past it (a replica
+/// reconnecting again and again would otherwise leave such messages behind, outside
+/// its budget).
 async fn serve_replica<M: DeserializeOwned + Send + 'static>(
     connection: quinn::Connection,
     peer: ReplicaId,
-    budget: Arc<Semaphore>,
+    budget: Budget,
     config: NetworkConfig,
     counters: Arc<NetworkCounters>,
     deliver: mpsc::Sender<(ReplicaId, M, Charge)>,
@@ -267,11 +285,17 @@ async fn serve_replica<M: DeserializeOwned + Send + 'static>(
         let (connection, deliver, budget, counters) =
             (connection.clone(), deliver.clone(), budget.clone(), counters.clone());
         tokio::spawn(async move {
-            while let Some((message, bytes)) = reader.next::<M>(&connection).await {
-                let Some(charge) = charge(&budget, bytes, &counters).await else { return };
-                if deliver.send((peer, message, charge)).await.is_err() {
-                    return;
+            let read = async {
+                while let Some((message, bytes)) = reader.next::<M>(&connection).await {
+                    let Some(charge) = charge(&budget, bytes, &counters).await else { return };
+                    if deliver.send((peer, message, charge)).await.is_err() {
+                        return;
+                    }
                 }
+            };
+            tokio::select! {
+                _ = connection.closed() => {}
+                _ = read => {}
             }
         });
     }

@@ -540,3 +540,28 @@ fn a_receive_budget_below_the_frame_limit_is_refused() {
     let err = config.validate().unwrap_err().to_string();
     assert!(err.contains("receive_budget_bytes"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tiny_messages_cannot_take_more_than_their_senders_share_of_the_queue() {
+    // The receive queue holds 30 messages shared by 3 senders: each message is charged
+    // at least a tenth of its sender's budget, so a flood of tiny messages from replica
+    // 1 that the node keeps holds at most 10 slots.
+    let config = NetworkConfig { receive_queue_capacity: 30, ..test_config() };
+    let (committee, keys, mut sockets) = committee(4);
+    let (receiver, mut inbound) = start(&config, &committee, &keys, 0, sockets.remove(0)).await;
+    let (sender, _) = start(&config, &committee, &keys, 1, sockets.remove(0)).await;
+    for seq in 0..25 {
+        sender.send(ReplicaId(0), &msg(ReplicaId(1), seq, 8)).unwrap();
+    }
+    let mut held = Vec::new();
+    while let Ok(Some(next)) = tokio::time::timeout(Duration::from_millis(500), inbound.recv()).await {
+        held.push(next);
+    }
+    assert_eq!(held.len(), 10, "a tenth of the budget each");
+    assert!(receiver.counters().snapshot().receive_budget_waits >= 1);
+    held.clear();
+    let rest = receive(&mut inbound, 10).await;
+    assert_eq!(rest[0].1.seq, 10, "the rest follows in order");
+    sender.shutdown().await;
+    receiver.shutdown().await;
+}

@@ -298,6 +298,9 @@ pub fn report(
 /// Each replica's view-change count from its status endpoint (`(id, metrics
 /// address)`); `None` unless every one answered.
 pub fn view_changes(targets: &[(u16, Option<String>)]) -> Option<Vec<u64>> {
+    if targets.is_empty() {
+        return None;
+    }
     crate::status::collect(targets).iter().map(|node| node.report.as_ref().map(|r| r.view_changes)).collect()
 }
 

@@ -60,16 +60,28 @@ impl Session {
             if sequence - self.highest >= SESSION_WINDOW {
                 self.window.fill(0);
             } else {
-                for passed in self.highest + 1..sequence {
-                    let (word, mask) = Session::bit(passed);
-                    self.window[word] &= !mask;
-                }
+                self.clear(self.highest + 1, sequence - self.highest - 1);
             }
             self.highest = sequence;
         }
         let (word, mask) = Session::bit(sequence);
         self.window[word] |= mask;
         true
+    }
+
+    /// Frees the slots of the `count` sequences from `first` on (`count` below the
+    /// window's size), a word at a time: a client jumping its sequence far ahead costs
+    /// every replica at most 64 word operations, not one per sequence.
+    fn clear(&mut self, first: u64, count: u64) {
+        let (mut index, mut left) = (first % SESSION_WINDOW, count);
+        while left > 0 {
+            let (word, bit) = ((index / 64) as usize, index % 64);
+            let take = (64 - bit).min(left);
+            let mask = if take == 64 { u64::MAX } else { ((1u64 << take) - 1) << bit };
+            self.window[word] &= !mask;
+            left -= take;
+            index = (index + take) % SESSION_WINDOW;
+        }
     }
 
     fn executed(&self, sequence: u64) -> bool {
@@ -172,9 +184,11 @@ impl<A: StateMachine> Executor<A> {
         self.sessions.get(&client).is_some_and(|s| s.executed(sequence))
     }
 
-    /// Whether `sequence` is too old for the client's window (a replay).
+    /// Whether `sequence` is too old for the client's window (a replay), or so close
+    /// to `u64::MAX` that execution would refuse it (checked for clients without a
+    /// session too, so that such a request is refused before it is ordered).
     pub fn too_old(&self, client: u64, sequence: u64) -> bool {
-        self.sessions.get(&client).is_some_and(|s| below_window(sequence, s.highest))
+        below_window(sequence, self.sessions.get(&client).map_or(0, |s| s.highest))
     }
 
     /// Whether `block` is the next one to execute (blocks at or below the executed
@@ -375,6 +389,13 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_new_client_at_the_top_of_the_range_is_refused_before_ordering() {
+        let executor = Executor::new(crate::app::kv::KvStore::default(), 100);
+        assert!(executor.too_old(9, u64::MAX - SESSION_WINDOW + 1));
+        assert!(!executor.too_old(9, u64::MAX - SESSION_WINDOW) && !executor.too_old(9, 1));
     }
 
     #[test]

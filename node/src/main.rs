@@ -624,8 +624,12 @@ fn bench(args: &BenchArgs) -> anyhow::Result<()> {
         .collect();
     let data_dirs: Vec<PathBuf> = configs.iter().map(|(path, config)| config.data_dir(path)).collect();
     let data_dirs = if data_dirs.len() == nodes { data_dirs } else { Vec::new() };
-    let status_targets: Vec<(u16, Option<String>)> =
-        configs.iter().map(|(_, config)| (config.id, config.metrics_address.clone())).collect();
+    // View changes are read only when every replica's status endpoint is known.
+    let status_targets: Vec<(u16, Option<String>)> = if configs.len() == nodes {
+        configs.iter().map(|(_, config)| (config.id, config.metrics_address.clone())).collect()
+    } else {
+        Vec::new()
+    };
     let settle = if fresh.is_some() { Duration::from_secs(2) } else { Duration::ZERO };
     let result = runtime()?.block_on(async {
         tokio::time::sleep(settle).await; // let fresh replicas connect
