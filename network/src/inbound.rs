@@ -119,7 +119,6 @@ pub(crate) struct Budget {
     /// of the receive queue's slots, so that no sender can fill the queues (shared by
     /// all senders, bounded by count) with tiny messages either.
     min_charge: usize,
-    total: usize,
 }
 
 pub(crate) fn budgets(
@@ -134,16 +133,16 @@ pub(crate) fn budgets(
         .members()
         .iter()
         .filter(|m| m.id != me)
-        .map(|m| (m.id, Budget { bytes: Arc::new(Semaphore::new(total)), min_charge: total / share, total }))
+        .map(|m| (m.id, Budget { bytes: Arc::new(Semaphore::new(total)), min_charge: total / share }))
         .collect()
 }
 
-/// Takes a frame of `bytes` from `budget` (at least its minimum charge, at most the
-/// whole budget), waiting (and counting the wait) while it is spent. `None` if the
-/// budget was closed.
+/// Takes a frame of `bytes` from `budget` (at least its minimum charge and one byte),
+/// waiting (and counting the wait) while it is spent. `None` if the budget was closed.
 async fn charge(budget: &Budget, bytes: usize, counters: &NetworkCounters) -> Option<Charge> {
-    // Validation keeps the budget within `u32` and at least one frame.
-    let permits = u32::try_from(bytes.max(budget.min_charge).clamp(1, budget.total)).ok()?;
+    // Never more than the whole budget: validation keeps a frame within it (and the
+    // budget within `u32`), and the minimum charge is a fraction of it.
+    let permits = u32::try_from(bytes.max(budget.min_charge).max(1)).ok()?;
     if let Ok(permit) = budget.bytes.clone().try_acquire_many_owned(permits) {
         return Some(Charge(permit));
     }

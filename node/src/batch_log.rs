@@ -6,16 +6,16 @@
 //! into a memtable and into a blob file at flush; on a VM whose host backs guest memory
 //! lazily, the fresh pages of those copies were a fifth of the machine at 65,000 tx/s.
 //! Here they are copied once into a reused, aligned buffer and written (in pieces of at
-//! most 8 MiB) with one sync per protocol step. RocksDB keeps only each batch's [`BatchLocation`], written in
-//! the same synced write as the records that name it, after the batch bytes are
-//! durable: a crash in between leaves unreferenced bytes in a segment, never a location
-//! without its batch.
+//! most 8 MiB) with one sync per protocol step. RocksDB keeps only each batch's
+//! [`BatchLocation`], written in the same synced write as the records that name it,
+//! after the batch bytes are durable: a crash in between leaves unreferenced bytes in a
+//! segment, never a location without its batch.
 //!
 //! A segment file holds, from offset 0, groups of records padded to [`ALIGN`]; a record
 //! is a header (magic, length, batch digest) and the batch bytes. The header lets a
 //! segment be read without RocksDB (inspection, repair); a read goes by location and
-//! checks the header (execution checks the bytes against their digest). Each open starts a new segment, so a torn tail
-//! from a crash is never appended to.
+//! checks the header (execution checks the bytes against their digest). Each open
+//! starts a new segment, so a torn tail from a crash is never appended to.
 
 use std::fs::{File, OpenOptions};
 use std::io;

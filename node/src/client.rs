@@ -23,6 +23,7 @@ use std::time::Duration;
 use bulwark_consensus::Height;
 use bulwark_crypto::{Committee, KeyPair, ReplicaId};
 use bulwark_network::{ClientConnection, NetworkConfig};
+use bytes::Bytes;
 use tokio::sync::mpsc;
 
 use crate::FastMap;
@@ -175,8 +176,7 @@ impl Client {
             return Err(ClientError::NotEnoughReplicas { connected: senders.len(), needed });
         }
         // Every replica sends this client the replies of its requests.
-        let subscribe =
-            Request { client: id, sequence: 0, kind: RequestKind::Subscribe, op: bytes::Bytes::new() };
+        let subscribe = Request { client: id, sequence: 0, kind: RequestKind::Subscribe, op: Bytes::new() };
         for sender in senders.values() {
             let _ = sender.send(subscribe.clone()).await;
         }
